@@ -1,0 +1,1 @@
+//! fhirlift: registry files in, CIBMTR FHIR submissions out.
