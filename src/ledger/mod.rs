@@ -1,0 +1,1 @@
+//! The state ledger: what was submitted where, for incremental, resumable runs.

@@ -1,0 +1,1 @@
+//! The mapping stage: typed rows → FHIR resources through minijinja templates, in parallel.

@@ -1,0 +1,1 @@
+//! Run reports: per-row outcomes, rejects, unmapped codes, and the run summary.

@@ -1,0 +1,2 @@
+//! The sandbox: a local server implementing the CIBMTR Direct FHIR contract, with real storage
+//! and fault injection.

@@ -1,0 +1,76 @@
+//! Sinks: where validated resources go. The dry-run sink writes files and never builds an HTTP
+//! client; the loader submits to a target. The pipeline hands every sink the same stream: all
+//! patients first (in source row order), then every other resource (in source row order).
+
+use serde::Serialize;
+
+use crate::resource::{BusinessIdentifier, MappedPatient, MappedResource};
+use crate::source::RowLocation;
+
+pub mod load;
+
+/// What happened to one resource in a sink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeStatus {
+    /// Written to a file (dry run).
+    Written,
+    Created,
+    Updated,
+    /// The target (or the ledger) already held exactly this resource.
+    Unchanged,
+    /// Refused by the target or by a sink rule; the row goes to the rejects file.
+    Rejected,
+    /// Sent, but whether the target stored it is unknown (interrupted); the next run checks.
+    Unknown,
+}
+
+/// The per-resource line of the run report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RowOutcome {
+    #[serde(serialize_with = "crate::sink::display")]
+    pub location: RowLocation,
+    pub resource_type: String,
+    pub identifier: Option<BusinessIdentifier>,
+    pub status: OutcomeStatus,
+    pub server_id: Option<String>,
+    pub http_status: Option<u16>,
+    pub attempts: u32,
+    /// Why it was rejected (the server's OperationOutcome text, or the sink's reason).
+    pub message: Option<String>,
+}
+
+/// A failure that stops the whole sink (not one row): cannot write the output folder, cannot
+/// authenticate, the target is unreachable after retries.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("target: {0}")]
+    Target(String),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// A destination for mapped resources.
+pub trait Sink: Send {
+    /// A batch of patients, in source row order. Called for every patient before any `resources`.
+    fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<(), SinkError>;
+    /// A batch of non-Patient resources, in source row order.
+    fn resources(&mut self, batch: Vec<MappedResource>) -> Result<(), SinkError>;
+    /// Flushes everything and returns one outcome per resource received.
+    fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError>;
+}
+
+pub(crate) fn display<T: std::fmt::Display, S: serde::Serializer>(
+    v: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}

@@ -1,0 +1,5 @@
+mod common;
+mod loader;
+mod mapping;
+mod readers;
+mod sandbox;
