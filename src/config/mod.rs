@@ -395,13 +395,13 @@ impl PipelineConfig {
                 "must be exactly five digits, e.g. \"12001\"".into(),
             );
         }
-        if let Some(tz) = &self.defaults.timezone {
-            if tz.parse::<chrono_tz::Tz>().is_err() {
-                bad(
-                    "defaults.timezone".into(),
-                    format!("unknown IANA time zone {tz:?}"),
-                );
-            }
+        if let Some(tz) = &self.defaults.timezone
+            && tz.parse::<chrono_tz::Tz>().is_err()
+        {
+            bad(
+                "defaults.timezone".into(),
+                format!("unknown IANA time zone {tz:?}"),
+            );
         }
         for (name, source) in &self.sources {
             if source.resolved_format().is_none() {
@@ -413,29 +413,29 @@ impl PipelineConfig {
                     ),
                 );
             }
-            if let Some(tz) = &source.timezone {
-                if tz.parse::<chrono_tz::Tz>().is_err() {
-                    bad(
-                        format!("sources.{name}.timezone"),
-                        format!("unknown IANA time zone {tz:?}"),
-                    );
-                }
+            if let Some(tz) = &source.timezone
+                && tz.parse::<chrono_tz::Tz>().is_err()
+            {
+                bad(
+                    format!("sources.{name}.timezone"),
+                    format!("unknown IANA time zone {tz:?}"),
+                );
             }
-            if let Some(label) = &source.encoding {
-                if encoding_rs::Encoding::for_label(label.as_bytes()).is_none() {
-                    bad(
-                        format!("sources.{name}.encoding"),
-                        format!("unknown encoding label {label:?}"),
-                    );
-                }
+            if let Some(label) = &source.encoding
+                && encoding_rs::Encoding::for_label(label.as_bytes()).is_none()
+            {
+                bad(
+                    format!("sources.{name}.encoding"),
+                    format!("unknown encoding label {label:?}"),
+                );
             }
-            if let Some(d) = &source.delimiter {
-                if parse_delimiter(d).is_none() {
-                    bad(
-                        format!("sources.{name}.delimiter"),
-                        format!("{d:?} is not one ASCII character (or \"tab\")"),
-                    );
-                }
+            if let Some(d) = &source.delimiter
+                && parse_delimiter(d).is_none()
+            {
+                bad(
+                    format!("sources.{name}.delimiter"),
+                    format!("{d:?} is not one ASCII character (or \"tab\")"),
+                );
             }
             if source.header_row == Some(0) {
                 bad(
@@ -457,13 +457,11 @@ impl PipelineConfig {
             }
         }
         match self.target.kind {
-            TargetKind::Custom | TargetKind::Fhir => {
-                if self.target.base_url.is_none() {
-                    bad(
-                        "target.base_url".into(),
-                        format!("required for target kind {:?}", self.target.kind),
-                    );
-                }
+            TargetKind::Custom | TargetKind::Fhir if self.target.base_url.is_none() => {
+                bad(
+                    "target.base_url".into(),
+                    format!("required for target kind {:?}", self.target.kind),
+                );
             }
             _ => {}
         }
