@@ -39,12 +39,14 @@ pub mod hash;
 pub mod lock;
 pub mod report;
 mod schema;
+pub mod session;
 pub mod stop;
 
 pub use hash::{canonical_hash, content_hash, demographics_hash};
 pub use lock::{LockError, LockHolder, RunLock};
 pub use report::RunReport;
-pub use stop::StopSignal;
+pub use session::{Finished, RunEnd, RunSession, SessionError, SessionOptions};
+pub use stop::{RejectGuard, StopReason, StopSignal};
 
 /// The ledger's file name inside the state directory.
 pub const LEDGER_FILE: &str = "ledger.sqlite";
@@ -149,12 +151,27 @@ pub struct RecordRef {
 }
 
 impl RecordRef {
+    /// The ledger's address of a mapped resource: its resource type, and its business identifier
+    /// as `system|value` (what the loader searches by, so stable across runs and unique per
+    /// record). Every user of the ledger must key records this way.
+    pub fn of(resource: &crate::resource::MappedResource) -> RecordRef {
+        RecordRef {
+            resource_type: resource.resource_type.clone(),
+            record_key: record_key(&resource.identifier),
+        }
+    }
+
     pub fn new(resource_type: impl Into<String>, record_key: impl Into<String>) -> RecordRef {
         RecordRef {
             resource_type: resource_type.into(),
             record_key: record_key.into(),
         }
     }
+}
+
+/// The record key of a business identifier: `system|value`.
+pub fn record_key(identifier: &crate::resource::BusinessIdentifier) -> String {
+    format!("{}|{}", identifier.system, identifier.value)
 }
 
 /// How a run chose what to send.

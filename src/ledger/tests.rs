@@ -245,3 +245,161 @@ fn a_second_process_sees_committed_records() {
         .unwrap();
     assert!(reader.known(&scope(), "Patient", "p").unwrap().is_some());
 }
+
+mod session {
+    use super::*;
+    use crate::cli::Outcome;
+    use crate::resource::BusinessIdentifier;
+    use crate::sink::RowOutcome;
+    use crate::source::RowLocation;
+
+    fn config(dir: &Path) -> crate::config::PipelineConfig {
+        let p = dir.join("pipeline.toml");
+        std::fs::write(&p, "[center]\nccn = \"12001\"\n[sources]\n").unwrap();
+        crate::config::PipelineConfig::load(&p).unwrap()
+    }
+
+    fn outcome(row: u64, key: &str, status: OutcomeStatus) -> RowOutcome {
+        RowOutcome {
+            location: RowLocation {
+                file: "labs.csv".into(),
+                sheet: None,
+                row,
+            },
+            resource_type: "Observation".into(),
+            identifier: Some(BusinessIdentifier {
+                system: "urn:lab".into(),
+                value: key.into(),
+            }),
+            status,
+            server_id: None,
+            http_status: Some(422),
+            attempts: 1,
+            message: Some("HTTP 422: bad unit".into()),
+        }
+    }
+
+    #[test]
+    fn a_session_locks_records_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let state = cfg.state_dir();
+        // "gone" was confirmed before this run and is no longer in the source.
+        Ledger::open(&state)
+            .unwrap()
+            .record_sent(
+                &scope(),
+                "Observation",
+                "urn:lab|gone",
+                "h",
+                "2",
+                OutcomeStatus::Created,
+            )
+            .unwrap();
+        let s = RunSession::start(&cfg, &state, scope(), SessionOptions::default()).unwrap();
+        let again = RunSession::start(&cfg, &state, scope(), SessionOptions::default())
+            .expect_err("a second run is refused");
+        assert_eq!(again.outcome(), Outcome::Locked);
+        assert!(
+            again.to_string().contains("another fhirlift run"),
+            "{again}"
+        );
+
+        s.ledger()
+            .record_sent(
+                &scope(),
+                "Observation",
+                "urn:lab|ok",
+                "h",
+                "1",
+                OutcomeStatus::Created,
+            )
+            .unwrap();
+        let end = RunEnd {
+            outcomes: vec![
+                outcome(2, "ok", OutcomeStatus::Created),
+                outcome(3, "bad", OutcomeStatus::Rejected),
+            ],
+            seen: Some(vec![
+                RecordRef::new("Observation", "urn:lab|ok"),
+                RecordRef::new("Observation", "urn:lab|bad"),
+            ]),
+            ..RunEnd::default()
+        };
+        let f = s.finish(end).unwrap();
+        assert_eq!(f.outcome, Outcome::RowsRejected);
+        assert_eq!(f.counts.created, 1);
+        assert_eq!(f.counts.rejected, 1);
+        assert_eq!(
+            f.missing,
+            vec![RecordRef::new("Observation", "urn:lab|gone")]
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&f.report).unwrap()).unwrap();
+        assert_eq!(report["exit_code"], 1);
+        assert_eq!(report["missing"][0]["record_key"], "urn:lab|gone");
+        assert_eq!(report["outcomes"][1]["location"], "labs.csv:3");
+
+        // The lock is released; the reject is outstanding for --retry-rejected.
+        let s2 = RunSession::start(
+            &cfg,
+            &state,
+            scope(),
+            SessionOptions {
+                mode: RunMode::RetryRejected,
+                ..SessionOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s2.rejected_keys().unwrap().into_iter().collect::<Vec<_>>(),
+            vec![RecordRef::new("Observation", "urn:lab|bad")]
+        );
+        let runs = s2.ledger().runs(5).unwrap();
+        assert_eq!(runs[1].exit_code, Some(1));
+    }
+
+    #[test]
+    fn stop_reasons_decide_the_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let state = cfg.state_dir();
+        let opts = SessionOptions {
+            max_rejects: Some(1),
+            ..SessionOptions::default()
+        };
+        let s = RunSession::start(&cfg, &state, scope(), opts.clone()).unwrap();
+        s.reject_guard().note_reject();
+        s.reject_guard().note_reject();
+        assert!(s.stop().is_stopped());
+        let f = s.finish(RunEnd::default()).unwrap();
+        assert_eq!(f.outcome, Outcome::RowsRejected);
+        assert!(f.stopped.unwrap().contains("max-rejects"));
+
+        let s = RunSession::start(&cfg, &state, scope(), opts.clone()).unwrap();
+        s.stop().trigger();
+        let f = s
+            .finish(RunEnd {
+                outcomes: vec![outcome(2, "x", OutcomeStatus::Unknown)],
+                seen: Some(Vec::new()),
+                ..RunEnd::default()
+            })
+            .unwrap();
+        assert_eq!(f.outcome, Outcome::Interrupted);
+        assert!(
+            f.missing.is_empty(),
+            "an interrupted run reports nothing missing"
+        );
+        let ledger = Ledger::open(&state).unwrap();
+        assert_eq!(ledger.unconfirmed(&scope()).unwrap().len(), 1);
+
+        let s = RunSession::start(&cfg, &state, scope(), opts).unwrap();
+        let f = s
+            .finish(RunEnd {
+                fatal: Some("authentication: 401".into()),
+                ..RunEnd::default()
+            })
+            .unwrap();
+        assert_eq!(f.outcome, Outcome::TargetError);
+    }
+}
