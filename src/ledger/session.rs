@@ -200,15 +200,14 @@ impl RunSession {
         let reason = self.stop.reason();
         let complete = reason.is_none() && end.fatal.is_none();
         let mut missing = Vec::new();
-        if let (Some(seen), true) = (&end.seen, complete) {
-            if matches!(self.run.mode, RunMode::Incremental | RunMode::Full) {
-                self.ledger.mark_seen(
-                    scope,
-                    seen.iter()
-                        .map(|r| (r.resource_type.as_str(), r.record_key.as_str())),
-                )?;
-                missing = self.ledger.missing_since(scope, self.run.id)?;
-            }
+        let whole_source = matches!(self.run.mode, RunMode::Incremental | RunMode::Full);
+        if let (Some(seen), true) = (&end.seen, complete && whole_source) {
+            self.ledger.mark_seen(
+                scope,
+                seen.iter()
+                    .map(|r| (r.resource_type.as_str(), r.record_key.as_str())),
+            )?;
+            missing = self.ledger.missing_since(scope, self.run.id)?;
         }
         counts.missing = missing.len() as u64;
         let outcome = match (reason, &end.fatal) {
