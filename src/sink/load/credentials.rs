@@ -223,7 +223,10 @@ mod tests {
         let lookup = |k: &str| env.get(k).map(|v| v.to_string());
         let e = Credentials::from_lookup(lookup, GrantType::Password).expect_err("no user");
         let text = e.to_string();
-        assert!(text.contains(ENV_USERNAME) && text.contains(ENV_PASSWORD), "{text}");
+        assert!(
+            text.contains(ENV_USERNAME) && text.contains(ENV_PASSWORD),
+            "{text}"
+        );
         let c = Credentials::from_lookup(lookup, GrantType::ClientCredentials).expect("cc");
         assert_eq!(c.client_secret.expose(), "b");
         assert!(c.username.is_none());
@@ -242,7 +245,10 @@ mod tests {
         .expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let e = Credentials::from_file(&path, GrantType::Password).expect_err("0644 refused");
-        assert!(matches!(e, CredentialsError::TooOpen { mode: 0o644, .. }), "{e}");
+        assert!(
+            matches!(e, CredentialsError::TooOpen { mode: 0o644, .. }),
+            "{e}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let c = Credentials::from_file(&path, GrantType::Password).expect("0600 accepted");
         assert_eq!(c.password.as_ref().map(Secret::expose), Some("p4ss"));
@@ -254,7 +260,11 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("secrets.toml");
-        std::fs::write(&path, "client_id = \"id\"\nclient_secret = s3cr3t-unquoted\n").expect("w");
+        std::fs::write(
+            &path,
+            "client_id = \"id\"\nclient_secret = s3cr3t-unquoted\n",
+        )
+        .expect("w");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let e = Credentials::from_file(&path, GrantType::Password).expect_err("bad toml");
         let text = e.to_string();

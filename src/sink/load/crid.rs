@@ -60,7 +60,10 @@ impl fmt::Display for Crid {
 /// What the CRID step decided for one patient.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CridOutcome {
-    Assigned { crid: Crid, attempts: u32 },
+    Assigned {
+        crid: Crid,
+        attempts: u32,
+    },
     /// This target uses no CRID.
     NotUsed,
     /// The patient (and every resource of it) is rejected.

@@ -28,10 +28,7 @@ impl Query {
     pub fn by_identifier(resource_type: &str, id: &BusinessIdentifier) -> Query {
         Query {
             resource_type: resource_type.to_string(),
-            params: vec![(
-                "identifier".into(),
-                format!("{}|{}", id.system, id.value),
-            )],
+            params: vec![("identifier".into(), format!("{}|{}", id.system, id.value))],
         }
     }
 
@@ -218,9 +215,7 @@ impl FhirClient {
                                 attempts,
                             });
                         }
-                        return self
-                            .update(&query.resource_type, id, body, attempts)
-                            .await;
+                        return self.update(&query.resource_type, id, body, attempts).await;
                     }
                     many => {
                         let ids: Vec<&str> = many
@@ -307,8 +302,7 @@ impl FhirClient {
             {
                 Some(id) => Step::Done(id),
                 None => Step::Fail(Upserted::Unknown {
-                    message: "created, but the answer names no id (no Location, no body id)"
-                        .into(),
+                    message: "created, but the answer names no id (no Location, no body id)".into(),
                     attempts: reply.attempts,
                 }),
             }
@@ -406,7 +400,9 @@ impl SearchFailure {
                 attempts: a,
             } => Ok(if sent {
                 Upserted::Unknown {
-                    message: format!("search after a lost answer refused (HTTP {status}): {message}"),
+                    message: format!(
+                        "search after a lost answer refused (HTTP {status}): {message}"
+                    ),
                     attempts: attempts + a,
                 }
             } else {
@@ -493,7 +489,10 @@ pub fn outcome_text(body: &[u8]) -> String {
     }
     let mut text = issues.join("; ");
     if text.len() > 2000 {
-        let cut = (0..=2000).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=2000)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
         text.truncate(cut);
         text.push('…');
     }
@@ -567,9 +566,7 @@ pub fn replace_reference(v: &mut Value, from: &str, to: &str) {
     match v {
         Value::String(s) if s == from => *s = to.to_string(),
         Value::Array(a) => a.iter_mut().for_each(|x| replace_reference(x, from, to)),
-        Value::Object(o) => o
-            .values_mut()
-            .for_each(|x| replace_reference(x, from, to)),
+        Value::Object(o) => o.values_mut().for_each(|x| replace_reference(x, from, to)),
         _ => {}
     }
 }
@@ -590,11 +587,11 @@ pub fn set_identifier(patient: &mut Value, system: &str, value: &str) {
     };
     let mut found = false;
     for id in list.iter_mut() {
-        if id.get("system").and_then(Value::as_str) == Some(system) {
-            if let Some(io) = id.as_object_mut() {
-                io.insert("value".into(), Value::String(value.to_string()));
-                found = true;
-            }
+        if id.get("system").and_then(Value::as_str) == Some(system)
+            && let Some(io) = id.as_object_mut()
+        {
+            io.insert("value".into(), Value::String(value.to_string()));
+            found = true;
         }
     }
     if !found {
@@ -613,7 +610,10 @@ mod tests {
             id_from_location("https://h/v1/r4/Patient/123/_history/1", t).as_deref(),
             Some("123")
         );
-        assert_eq!(id_from_location("Patient/abc-9", t).as_deref(), Some("abc-9"));
+        assert_eq!(
+            id_from_location("Patient/abc-9", t).as_deref(),
+            Some("abc-9")
+        );
         assert_eq!(
             id_from_location("http://h/r4/Patient/77?x=1", t).as_deref(),
             Some("77")
@@ -645,7 +645,10 @@ mod tests {
         assert_eq!(p["identifier"][0]["value"], "42");
         let mut q = json!({"resourceType": "Patient"});
         set_identifier(&mut q, "S", "42");
-        assert_eq!(q["identifier"][0], json!({"use": "official", "system": "S", "value": "42"}));
+        assert_eq!(
+            q["identifier"][0],
+            json!({"use": "official", "system": "S", "value": "42"})
+        );
     }
 
     #[test]
@@ -655,6 +658,9 @@ mod tests {
             outcome_text(body),
             "error invalid: effectiveDateTime needs a zone [Observation.effectiveDateTime]"
         );
-        assert_eq!(outcome_text(b"<html>"), "the server gave no OperationOutcome");
+        assert_eq!(
+            outcome_text(b"<html>"),
+            "the server gave no OperationOutcome"
+        );
     }
 }

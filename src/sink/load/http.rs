@@ -72,7 +72,9 @@ pub enum CallError {
 impl CallError {
     pub fn attempts(&self) -> u32 {
         match self {
-            CallError::AnswerLost { attempts, .. } | CallError::GaveUp { attempts, .. } => *attempts,
+            CallError::AnswerLost { attempts, .. } | CallError::GaveUp { attempts, .. } => {
+                *attempts
+            }
             CallError::Auth(_) => 1,
         }
     }

@@ -245,7 +245,7 @@ mod tests {
         };
         let e = resolve(&cfg, &TargetOverrides::default()).expect("preset");
         assert_eq!(
-            e.fhir("Patient").as_str(),
+            e.fhir(&["Patient"]).as_str(),
             "https://api.nmdp.org/cibmtr-fhir-backend/v1/r4/Patient"
         );
         assert_eq!(
@@ -270,7 +270,7 @@ mod tests {
         let e = resolve(&cfg, &over).expect("fhir");
         assert_eq!(e.crid_url, None);
         assert_eq!(
-            e.fhir("Observation").as_str(),
+            e.fhir(&["Observation"]).as_str(),
             "http://127.0.0.1:8080/fhir/Observation"
         );
     }

@@ -106,13 +106,13 @@ impl TokenManager {
     /// one refresh instead of each asking the token endpoint.
     pub async fn bearer(&self) -> Result<BearerToken, AuthError> {
         let mut state = self.state.lock().await;
-        if let Some(c) = state.as_ref() {
-            if Instant::now() < c.refresh_at {
-                return Ok(BearerToken {
-                    value: c.value.clone(),
-                    generation: c.generation,
-                });
-            }
+        if let Some(c) = state.as_ref()
+            && Instant::now() < c.refresh_at
+        {
+            return Ok(BearerToken {
+                value: c.value.clone(),
+                generation: c.generation,
+            });
         }
         self.refresh_locked(&mut state).await
     }
@@ -121,13 +121,14 @@ impl TokenManager {
     /// already replaced that token.
     pub async fn refresh_after_rejection(&self, refused: u64) -> Result<BearerToken, AuthError> {
         let mut state = self.state.lock().await;
-        if let Some(c) = state.as_ref() {
-            if c.generation != refused && Instant::now() < c.refresh_at {
-                return Ok(BearerToken {
-                    value: c.value.clone(),
-                    generation: c.generation,
-                });
-            }
+        if let Some(c) = state.as_ref()
+            && c.generation != refused
+            && Instant::now() < c.refresh_at
+        {
+            return Ok(BearerToken {
+                value: c.value.clone(),
+                generation: c.generation,
+            });
         }
         self.refresh_locked(&mut state).await
     }
@@ -143,7 +144,11 @@ impl TokenManager {
             refresh_at: Instant::now() + lifetime.saturating_sub(margin),
             generation,
         });
-        tracing::debug!(generation, lifetime_s = lifetime.as_secs(), "Token obtained.");
+        tracing::debug!(
+            generation,
+            lifetime_s = lifetime.as_secs(),
+            "Token obtained."
+        );
         Ok(BearerToken { value, generation })
     }
 
@@ -234,7 +239,10 @@ fn parse_token(url: &str, body: &[u8]) -> Result<(Secret, Duration), AuthError> 
     }
     .filter(|s| s.is_finite() && *s > 0.0)
     .unwrap_or(300.0);
-    Ok((Secret::new(token), Duration::from_secs_f64(secs.min(86_400.0 * 7.0))))
+    Ok((
+        Secret::new(token),
+        Duration::from_secs_f64(secs.min(86_400.0 * 7.0)),
+    ))
 }
 
 #[cfg(test)]
