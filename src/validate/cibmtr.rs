@@ -477,6 +477,7 @@ fn check_bundle(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
     use crate::validate::{CibmtrRules, validate as validate_all};

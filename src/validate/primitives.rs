@@ -217,7 +217,7 @@ pub fn is_base64(s: &str) -> bool {
             return false;
         }
     }
-    n > 0 && n % 4 == 0
+    n > 0 && n.is_multiple_of(4)
 }
 
 /// R4 `date`: `YYYY`, `YYYY-MM` or `YYYY-MM-DD`, and the day must exist in that month.
@@ -329,7 +329,9 @@ fn parse_date(b: &[u8]) -> Option<usize> {
 fn days_in_month(year: u32, month: u32) -> u32 {
     match month {
         4 | 6 | 9 | 11 => 30,
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => {
+            29
+        }
         2 => 28,
         _ => 31,
     }
@@ -373,6 +375,7 @@ fn time_with_zone(b: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
     use serde_json::json;

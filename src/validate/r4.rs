@@ -1434,6 +1434,7 @@ fn rule_bundle(obj: &Map<String, Value>, ctx: &mut Ctx) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
     use serde_json::json;
