@@ -152,6 +152,22 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
+    /// A source with nothing but a path: format from the extension, everything else detected or
+    /// default. `inspect` starts from this and applies its flags.
+    pub fn for_path(path: &Path) -> SourceConfig {
+        SourceConfig {
+            path: path.to_path_buf(),
+            format: None,
+            sheet: None,
+            header_row: None,
+            delimiter: None,
+            encoding: None,
+            null_tokens: None,
+            timezone: None,
+            columns: BTreeMap::new(),
+        }
+    }
+
     /// The format from `format` or, failing that, the file extension.
     pub fn resolved_format(&self) -> Option<SourceFormat> {
         self.format.or_else(|| SourceFormat::from_path(&self.path))
