@@ -2,12 +2,13 @@
 //! signal and the reject guard at the start; at the end the counts, the records that disappeared
 //! from the source, the outstanding rejects, the JSON run report and the exit outcome.
 //!
-//! `run` calls [`RunSession::start`] before reading anything and [`RunSession::finish`] with the
-//! sink's outcomes. Must not: decide what to send (the loader does, consulting the ledger), or
+//! `run` calls [`RunSession::start`] before reading anything, hands the pipeline
+//! [`RunSession::wrap`]`(sink)` instead of the sink, and calls [`RunSession::finish`] at the end
+//! (also after a failure, with `fatal` set). Must not: decide what to send (the loader does, consulting the ledger), or
 //! keep resource bodies.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::{
     Ledger, LedgerError, LockError, RecordRef, RejectGuard, RunCounts, RunId, RunInfo, RunLock,
@@ -15,7 +16,9 @@ use super::{
 };
 use crate::cli::Outcome;
 use crate::config::PipelineConfig;
-use crate::sink::{OutcomeStatus, RowOutcome};
+use crate::sink::{OutcomeStatus, RowOutcome, Sink};
+
+use super::sink::{Capture, LedgerSink};
 
 /// How a run is set up.
 #[derive(Clone, Debug, Default)]
@@ -53,13 +56,14 @@ impl SessionError {
     }
 }
 
-/// What the pipeline reports back at the end of a run.
+/// What the pipeline reports back at the end of a run. The outcomes and the records seen by the
+/// sink returned from [`RunSession::wrap`] are added automatically.
 #[derive(Clone, Debug, Default)]
 pub struct RunEnd {
-    /// One outcome per resource the sink received.
+    /// Outcomes of resources that did not go through the wrapped sink.
     pub outcomes: Vec<RowOutcome>,
-    /// Every record the source produced this run, when the whole source was read and mapped
-    /// (`None` for a partial run: nothing is then reported missing).
+    /// Every record the source produced this run, when the whole source was read and mapped and
+    /// the wrapped sink was not used (`None`: nothing is reported missing).
     pub seen: Option<Vec<RecordRef>>,
     /// Rows rejected before the sink (reading, mapping, validation).
     pub row_errors: u64,
@@ -90,6 +94,7 @@ pub struct RunSession {
     config_file: PathBuf,
     stop: StopSignal,
     guard: Arc<RejectGuard>,
+    capture: Arc<Mutex<Capture>>,
 }
 
 impl RunSession {
@@ -114,6 +119,10 @@ impl RunSession {
             version: env!("CARGO_PKG_VERSION").to_string(),
             config_hash: super::config_hash(config),
         };
+        if options.mode == RunMode::Full {
+            ledger.set_forget_known(true);
+        }
+        ledger.set_reject_guard(Some(guard.clone()));
         let id = ledger.begin_run(&info)?;
         let run = ledger.run(id)?.ok_or_else(|| LedgerError::Sqlite {
             path: ledger.path().to_path_buf(),
@@ -129,7 +138,19 @@ impl RunSession {
             config_file: config.file.clone(),
             stop,
             guard,
+            capture: Arc::new(Mutex::new(Capture::default())),
         })
+    }
+
+    /// Wraps the run's sink so that the session sees every record and outcome, and, for
+    /// `--retry-rejected`, so that only the records rejected before (and their patients) reach
+    /// `sink`. Call once per run.
+    pub fn wrap(&self, sink: Box<dyn Sink>) -> Result<Box<dyn Sink>, LedgerError> {
+        let retry = match self.run.mode {
+            RunMode::RetryRejected => Some(self.rejected_keys()?),
+            _ => None,
+        };
+        Ok(Box::new(LedgerSink::new(sink, retry, self.capture.clone())))
     }
 
     /// The ledger, to hand to the loader.
@@ -172,12 +193,35 @@ impl RunSession {
     /// the source, the counts and exit code, and the JSON run report. Releases the lock.
     pub fn finish(self, end: RunEnd) -> Result<Finished, SessionError> {
         let scope = &self.run.scope;
+        // Settle why the run stopped before recording anything: the rejects recorded below must
+        // not count against --max-rejects.
+        self.ledger.set_reject_guard(None);
+        let reason = self.stop.reason();
+        let (mut outcomes, seen) = {
+            let mut c = self.capture.lock().map_err(|_| LedgerError::Poisoned {
+                path: self.ledger.path().to_path_buf(),
+            })?;
+            let seen = if c.finished {
+                Some(std::mem::take(&mut c.seen))
+            } else {
+                None
+            };
+            (std::mem::take(&mut c.outcomes), seen)
+        };
+        outcomes.extend(end.outcomes);
+        let seen = match (seen, end.seen) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
         let mut counts = RunCounts {
             row_errors: end.row_errors,
             retried: end.retried,
             ..RunCounts::default()
         };
-        for o in &end.outcomes {
+        for o in &outcomes {
             counts.add(o.status);
             let Some(id) = &o.identifier else { continue };
             let key = super::record_key(id);
@@ -191,17 +235,18 @@ impl RunSession {
                     &o.location.to_string(),
                     o.message.as_deref().unwrap_or("rejected"),
                 )?,
-                OutcomeStatus::Unknown => {
+                // Only a request that went out can have an unknown result; a row the run never
+                // got to keeps what the ledger knew.
+                OutcomeStatus::Unknown if o.attempts > 0 => {
                     self.ledger.record_unknown(scope, &o.resource_type, &key)?
                 }
                 _ => {}
             }
         }
-        let reason = self.stop.reason();
         let complete = reason.is_none() && end.fatal.is_none();
         let mut missing = Vec::new();
         let whole_source = matches!(self.run.mode, RunMode::Incremental | RunMode::Full);
-        if let (Some(seen), true) = (&end.seen, complete && whole_source) {
+        if let (Some(seen), true) = (&seen, complete && whole_source) {
             self.ledger.mark_seen(
                 scope,
                 seen.iter()
@@ -229,7 +274,7 @@ impl RunSession {
             &self.config_file,
             counts.clone(),
             outcome as i32,
-            end.outcomes,
+            outcomes,
         );
         report.stopped = stopped.clone();
         report.missing = missing.clone();

@@ -265,14 +265,14 @@ impl Loader {
 }
 
 impl Sink for Loader {
-    fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<(), SinkError> {
+    fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError> {
         self.patients.extend(batch);
-        Ok(())
+        Ok(Vec::new())
     }
 
-    fn resources(&mut self, batch: Vec<MappedResource>) -> Result<(), SinkError> {
+    fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError> {
         self.resources.extend(batch);
-        Ok(())
+        Ok(Vec::new())
     }
 
     fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError> {
