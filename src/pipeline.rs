@@ -50,10 +50,8 @@ pub type RowStream =
 /// Opens sources by name. [`ConfigSources`] opens the files of a pipeline config; tests and
 /// benchmarks may generate rows instead.
 pub trait Sources {
-    fn open(
-        &mut self,
-        source: &str,
-    ) -> Result<RowStream, Box<dyn std::error::Error + Send + Sync>>;
+    fn open(&mut self, source: &str)
+    -> Result<RowStream, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// A run's knobs (the command line's flags).
@@ -121,11 +119,18 @@ pub fn run(
             .any(|m| m.spec.kind == MappingKind::Patient),
         progress: progress.clone(),
     };
-    tracing::info!(mappings = set.mappings().len(), jobs = pool.current_num_threads(), "Run started");
+    tracing::info!(
+        mappings = set.mappings().len(),
+        jobs = pool.current_num_threads(),
+        "Run started"
+    );
 
     let order: Vec<usize> = (0..set.mappings().len())
         .filter(|&i| set.mappings()[i].spec.kind == MappingKind::Patient)
-        .chain((0..set.mappings().len()).filter(|&i| set.mappings()[i].spec.kind != MappingKind::Patient))
+        .chain(
+            (0..set.mappings().len())
+                .filter(|&i| set.mappings()[i].spec.kind != MappingKind::Patient),
+        )
         .collect();
     for index in order {
         state.run_mapping(index, sources, &pool, opts.batch_size.max(1))?;
@@ -203,7 +208,10 @@ struct RunState<'a> {
 
 type Batch = Vec<SourceItem>;
 
-fn read_batch(stream: &mut RowStream, size: usize) -> Result<Batch, Box<dyn std::error::Error + Send + Sync>> {
+fn read_batch(
+    stream: &mut RowStream,
+    size: usize,
+) -> Result<Batch, Box<dyn std::error::Error + Send + Sync>> {
     let mut batch = Vec::with_capacity(size);
     for item in stream.by_ref() {
         batch.push(item?);
@@ -283,9 +291,12 @@ impl RunState<'_> {
                     };
                     let types: Vec<&str> = match &mapped.mapped {
                         Mapped::Patient(_) => vec!["Patient"],
-                        Mapped::Resources(rs) => rs.iter().map(|r| r.resource_type.as_str()).collect(),
+                        Mapped::Resources(rs) => {
+                            rs.iter().map(|r| r.resource_type.as_str()).collect()
+                        }
                     };
-                    self.report.mapped(counter, location, &types, &mapped.warnings);
+                    self.report
+                        .mapped(counter, location, &types, &mapped.warnings);
                     match mapped.mapped {
                         Mapped::Patient(p) => patients.push(*p),
                         Mapped::Resources(mut rs) => resources.append(&mut rs),
@@ -361,4 +372,34 @@ impl RunState<'_> {
 /// The sha256 (hex) of a config file's bytes.
 pub fn config_sha256(path: &std::path::Path) -> std::io::Result<String> {
     crate::report::sha256_file(path)
+}
+
+/// The sources of a pipeline config, opened with the readers ([`crate::source::open`]).
+pub struct ConfigSources<'a> {
+    pub config: &'a crate::config::PipelineConfig,
+}
+
+impl Sources for ConfigSources<'_> {
+    fn open(
+        &mut self,
+        source: &str,
+    ) -> Result<RowStream, Box<dyn std::error::Error + Send + Sync>> {
+        let cfg = self
+            .config
+            .sources
+            .get(source)
+            .ok_or_else(|| format!("no source {source:?} in the config"))?;
+        let reader = crate::source::open(source, cfg, &self.config.defaults)?;
+        let header = reader.header().clone();
+        Ok(Box::new(reader.map(move |item| match item {
+            Ok(row) => Ok(SourceItem::Row(row)),
+            Err(crate::source::ReadError::Row(e)) => Ok(SourceItem::Reject(RowReject {
+                message: e.kind.to_string(),
+                location: e.location,
+                header: Some(header.clone()),
+                raw: e.raw,
+            })),
+            Err(crate::source::ReadError::Fatal(e)) => Err(Box::new(e) as Box<_>),
+        })))
+    }
 }
