@@ -113,6 +113,7 @@ pub fn run(
         report: ReportBuilder::new(&opts.config_sha256, opts.dry_run),
         rejects,
         patients: HashMap::new(),
+        rejected_patients: HashMap::new(),
         have_patient_mapping: set
             .mappings()
             .iter()
@@ -202,6 +203,9 @@ struct RunState<'a> {
     rejects: RejectsWriter,
     /// Patient key → the row it was first mapped from.
     patients: HashMap<String, RowLocation>,
+    /// Patient key → the row where that patient was rejected (for a precise reason on its
+    /// resources).
+    rejected_patients: HashMap<String, RowLocation>,
     have_patient_mapping: bool,
     progress: indicatif::ProgressBar,
 }
@@ -304,6 +308,9 @@ impl RunState<'_> {
                 }
                 Err(e) => {
                     self.report.rejected(counter, &e);
+                    if spec.kind == MappingKind::Patient {
+                        self.remember_rejected_patient(spec, item);
+                    }
                     let (header, raw) = match item {
                         SourceItem::Row(r) => (Some(&*r.header), r.raw.as_slice()),
                         SourceItem::Reject(r) => (r.header.as_deref(), r.raw.as_slice()),
@@ -331,6 +338,27 @@ impl RunState<'_> {
         Ok(())
     }
 
+    fn remember_rejected_patient(&mut self, spec: &crate::mapping::MappingSpec, item: &SourceItem) {
+        let SourceItem::Row(row) = item else {
+            return;
+        };
+        let parts: Option<Vec<String>> = spec
+            .patient_key
+            .iter()
+            .map(|c| {
+                row.get(c)
+                    .filter(|v| !v.is_null())
+                    .map(|v| v.to_string().trim().to_string())
+                    .filter(|s| !s.is_empty())
+            })
+            .collect();
+        if let Some(parts) = parts {
+            self.rejected_patients
+                .entry(parts.join(crate::mapping::KEY_SEPARATOR))
+                .or_insert_with(|| row.location.clone());
+        }
+    }
+
     /// Patients must be unique; other resources must belong to a patient mapped in this run
     /// (when the run maps patients at all).
     fn check_patient(
@@ -349,7 +377,7 @@ impl RunState<'_> {
                         location: row.location.clone(),
                         column: key_column.to_string(),
                         key: mapped.patient_key.clone(),
-                        first: first.clone(),
+                        first: Box::new(first.clone()),
                     });
                 }
                 self.patients
@@ -361,6 +389,10 @@ impl RunState<'_> {
                         location: row.location.clone(),
                         column: key_column.to_string(),
                         key: mapped.patient_key.clone(),
+                        rejected_at: self
+                            .rejected_patients
+                            .get(&mapped.patient_key)
+                            .map(|l| Box::new(l.clone())),
                     });
                 }
             }
