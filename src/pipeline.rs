@@ -50,10 +50,8 @@ pub type RowStream =
 /// Opens sources by name. [`ConfigSources`] opens the files of a pipeline config; tests and
 /// benchmarks may generate rows instead.
 pub trait Sources {
-    fn open(
-        &mut self,
-        source: &str,
-    ) -> Result<RowStream, Box<dyn std::error::Error + Send + Sync>>;
+    fn open(&mut self, source: &str)
+    -> Result<RowStream, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// A run's knobs (the command line's flags).
@@ -121,11 +119,18 @@ pub fn run(
             .any(|m| m.spec.kind == MappingKind::Patient),
         progress: progress.clone(),
     };
-    tracing::info!(mappings = set.mappings().len(), jobs = pool.current_num_threads(), "Run started");
+    tracing::info!(
+        mappings = set.mappings().len(),
+        jobs = pool.current_num_threads(),
+        "Run started"
+    );
 
     let order: Vec<usize> = (0..set.mappings().len())
         .filter(|&i| set.mappings()[i].spec.kind == MappingKind::Patient)
-        .chain((0..set.mappings().len()).filter(|&i| set.mappings()[i].spec.kind != MappingKind::Patient))
+        .chain(
+            (0..set.mappings().len())
+                .filter(|&i| set.mappings()[i].spec.kind != MappingKind::Patient),
+        )
         .collect();
     for index in order {
         state.run_mapping(index, sources, &pool, opts.batch_size.max(1))?;
@@ -203,7 +208,10 @@ struct RunState<'a> {
 
 type Batch = Vec<SourceItem>;
 
-fn read_batch(stream: &mut RowStream, size: usize) -> Result<Batch, Box<dyn std::error::Error + Send + Sync>> {
+fn read_batch(
+    stream: &mut RowStream,
+    size: usize,
+) -> Result<Batch, Box<dyn std::error::Error + Send + Sync>> {
     let mut batch = Vec::with_capacity(size);
     for item in stream.by_ref() {
         batch.push(item?);
@@ -283,9 +291,12 @@ impl RunState<'_> {
                     };
                     let types: Vec<&str> = match &mapped.mapped {
                         Mapped::Patient(_) => vec!["Patient"],
-                        Mapped::Resources(rs) => rs.iter().map(|r| r.resource_type.as_str()).collect(),
+                        Mapped::Resources(rs) => {
+                            rs.iter().map(|r| r.resource_type.as_str()).collect()
+                        }
                     };
-                    self.report.mapped(counter, location, &types, &mapped.warnings);
+                    self.report
+                        .mapped(counter, location, &types, &mapped.warnings);
                     match mapped.mapped {
                         Mapped::Patient(p) => patients.push(*p),
                         Mapped::Resources(mut rs) => resources.append(&mut rs),

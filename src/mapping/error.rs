@@ -106,7 +106,8 @@ fn snippet(err: &minijinja::Error) -> String {
         if range.start >= line_start {
             let text = lines[line - 1];
             let start = (range.start - line_start).min(text.len());
-            let end = (range.end.saturating_sub(line_start)).clamp(start + 1, text.len().max(start + 1));
+            let end =
+                (range.end.saturating_sub(line_start)).clamp(start + 1, text.len().max(start + 1));
             let pad = text.get(..start).map_or(start, |s| s.chars().count());
             let len = text
                 .get(start..end.min(text.len()))
@@ -129,7 +130,10 @@ pub enum RowError {
     /// Cells that could not be read as their declared type (from the readers).
     Cells(Vec<CellError>),
     /// A row-level read error (from the readers): the row could not be split into cells.
-    Read { location: RowLocation, message: String },
+    Read {
+        location: RowLocation,
+        message: String,
+    },
     /// A key column is empty.
     EmptyKey {
         location: RowLocation,
@@ -144,7 +148,10 @@ pub enum RowError {
         code: String,
     },
     /// `required` failed.
-    Required { location: RowLocation, column: String },
+    Required {
+        location: RowLocation,
+        column: String,
+    },
     /// Any other template failure.
     Template {
         location: RowLocation,

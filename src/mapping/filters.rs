@@ -150,7 +150,12 @@ fn parse_date_or_datetime(s: &str) -> Option<Temporal> {
     if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
         return Some(Temporal::Offset(dt));
     }
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"] {
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
+    ] {
         if let Ok(dt) = NaiveDateTime::parse_from_str(s, fmt) {
             return Some(Temporal::Naive(dt));
         }
@@ -163,9 +168,11 @@ pub fn lookup_in(lookups: &Lookups, table: &str, key: &Value) -> Result<Value, E
     if is_empty(key) {
         return Ok(Value::from(()));
     }
-    let t = lookups
-        .get(table)
-        .ok_or_else(|| invalid(format!("unknown lookup table {table:?}; declare it in the mapping's [lookups]")))?;
+    let t = lookups.get(table).ok_or_else(|| {
+        invalid(format!(
+            "unknown lookup table {table:?}; declare it in the mapping's [lookups]"
+        ))
+    })?;
     let code = text_of(key);
     match t.get(&code) {
         Some(entry) => Ok(entry.clone()),
@@ -277,7 +284,11 @@ fn entries(lookups: &Lookups, table: &str, value: &Value) -> Result<Vec<Value>, 
 
 /// `row.race | us_core_race` (table `race`) — the US Core race extension object, one
 /// `ombCategory` per code (a list of codes is accepted) plus the required `text`.
-pub fn us_core_race(lookups: &Lookups, value: Value, table: Option<String>) -> Result<Value, Error> {
+pub fn us_core_race(
+    lookups: &Lookups,
+    value: Value,
+    table: Option<String>,
+) -> Result<Value, Error> {
     let e = entries(lookups, table.as_deref().unwrap_or("race"), &value)?;
     us_core_extension(US_CORE_RACE, &e)
 }
@@ -353,7 +364,11 @@ pub fn decimal(value: Value) -> Result<Value, Error> {
 /// `value | quantity("mg/dL", comparator=row.comparator, unit="mg/dL")` — a FHIR Quantity in
 /// UCUM: `{"value", "comparator"?, "unit", "system": UCUM, "code"}`. The comparator must be one of
 /// `<`, `<=`, `>=`, `>` or empty. `none` stays `none`.
-pub fn quantity(value: Value, code: String, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+pub fn quantity(
+    value: Value,
+    code: String,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<Value, Error> {
     let comparator: Option<Value> = kwargs.get("comparator")?;
     let unit: Option<String> = kwargs.get("unit")?;
     kwargs.assert_all_used()?;
@@ -412,8 +427,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut l = Lookups::default();
         let sex = dir.path().join("sex.csv");
-        std::fs::write(&sex, "code,fhir_gender,crid_gender\nM,male,M\nF,female,F\nU,unknown,\n")
-            .expect("w");
+        std::fs::write(
+            &sex,
+            "code,fhir_gender,crid_gender\nM,male,M\nF,female,F\nU,unknown,\n",
+        )
+        .expect("w");
         let race = dir.path().join("race.csv");
         std::fs::write(
             &race,
@@ -421,8 +439,11 @@ mod tests {
         )
         .expect("w");
         let eth = dir.path().join("eth.csv");
-        std::fs::write(&eth, "code,omb_code,omb_display,crid\nH,2135-2,Hispanic or Latino,2135-2\n")
-            .expect("w");
+        std::fs::write(
+            &eth,
+            "code,omb_code,omb_display,crid\nH,2135-2,Hispanic or Latino,2135-2\n",
+        )
+        .expect("w");
         l.add("sex", &sex).expect("sex");
         l.add("race", &race).expect("race");
         l.add("ethnicity", &eth).expect("eth");
@@ -437,34 +458,55 @@ mod tests {
 
     #[test]
     fn date_takes_the_date_part_and_keeps_none() {
-        assert_eq!(date(Value::from("2024-02-29")).expect("d").as_str(), Some("2024-02-29"));
         assert_eq!(
-            date(Value::from("2024-03-01T08:30:00")).expect("dt").as_str(),
+            date(Value::from("2024-02-29")).expect("d").as_str(),
+            Some("2024-02-29")
+        );
+        assert_eq!(
+            date(Value::from("2024-03-01T08:30:00"))
+                .expect("dt")
+                .as_str(),
             Some("2024-03-01")
         );
         assert!(date(Value::from(())).expect("none").is_none());
         let e = date(Value::from("02/30/1975")).expect_err("not a date");
-        assert!(!e.to_string().contains("1975"), "no value in the message: {e}");
+        assert!(
+            !e.to_string().contains("1975"),
+            "no value in the message: {e}"
+        );
     }
 
     #[test]
     fn date_time_applies_the_zone_and_always_has_an_offset() {
         let ctx = minijinja::context! { timezone => "America/Chicago", v => "2024-03-01T08:30:00" };
-        assert_eq!(render("{{ v | dateTime }}", ctx).expect("r"), "2024-03-01T08:30:00-06:00");
+        assert_eq!(
+            render("{{ v | dateTime }}", ctx).expect("r"),
+            "2024-03-01T08:30:00-06:00"
+        );
         // Summer time.
         let ctx = minijinja::context! { timezone => "America/Chicago", v => "2024-07-01 08:30:00" };
-        assert_eq!(render("{{ v | dateTime }}", ctx).expect("r"), "2024-07-01T08:30:00-05:00");
+        assert_eq!(
+            render("{{ v | dateTime }}", ctx).expect("r"),
+            "2024-07-01T08:30:00-05:00"
+        );
         // An explicit zone wins; an offset in the value is kept.
         let ctx = minijinja::context! { v => "2024-03-01T08:30:00" };
         assert_eq!(
             render("{{ v | dateTime('Europe/Paris') }}", ctx).expect("r"),
             "2024-03-01T08:30:00+01:00"
         );
-        let ctx = minijinja::context! { timezone => "America/Chicago", v => "2024-03-01T08:30:00+02:00" };
-        assert_eq!(render("{{ v | dateTime }}", ctx).expect("r"), "2024-03-01T08:30:00+02:00");
+        let ctx =
+            minijinja::context! { timezone => "America/Chicago", v => "2024-03-01T08:30:00+02:00" };
+        assert_eq!(
+            render("{{ v | dateTime }}", ctx).expect("r"),
+            "2024-03-01T08:30:00+02:00"
+        );
         // No zone configured: UTC.
         let ctx = minijinja::context! { v => "2024-03-01T08:30:00" };
-        assert_eq!(render("{{ v | dateTime }}", ctx).expect("r"), "2024-03-01T08:30:00+00:00");
+        assert_eq!(
+            render("{{ v | dateTime }}", ctx).expect("r"),
+            "2024-03-01T08:30:00+00:00"
+        );
         // A spring-forward gap does not exist.
         let ctx = minijinja::context! { timezone => "America/Chicago", v => "2024-03-10T02:30:00" };
         assert!(render("{{ v | dateTime }}", ctx).is_err());
@@ -473,9 +515,19 @@ mod tests {
     #[test]
     fn genders_come_from_the_sex_table() {
         let (_d, l) = lookups();
-        assert_eq!(fhir_gender(&l, Value::from("F"), None).expect("f").as_str(), Some("female"));
-        assert_eq!(crid_gender(&l, Value::from("M"), None).expect("m").as_str(), Some("M"));
-        assert!(crid_gender(&l, Value::from("U"), None).expect("u").is_none());
+        assert_eq!(
+            fhir_gender(&l, Value::from("F"), None).expect("f").as_str(),
+            Some("female")
+        );
+        assert_eq!(
+            crid_gender(&l, Value::from("M"), None).expect("m").as_str(),
+            Some("M")
+        );
+        assert!(
+            crid_gender(&l, Value::from("U"), None)
+                .expect("u")
+                .is_none()
+        );
         let e = fhir_gender(&l, Value::from("X"), None).expect_err("unmapped");
         let src = std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<UnmappedCode>())
@@ -494,13 +546,33 @@ mod tests {
             r#"{"url":"http://hl7.org/fhir/us/core/StructureDefinition/us-core-race","extension":[{"url":"ombCategory","valueCoding":{"system":"urn:oid:2.16.840.1.113883.6.238","code":"2106-3","display":"White"}},{"url":"text","valueString":"White"}]}"#
         );
         let declined = us_core_race(&l, Value::from("D"), None).expect("declined");
-        assert!(serde_json::to_string(&declined).expect("j").contains("v3-NullFlavor"));
+        assert!(
+            serde_json::to_string(&declined)
+                .expect("j")
+                .contains("v3-NullFlavor")
+        );
         let e = us_core_ethnicity(&l, Value::from("H"), None).expect("eth");
-        assert!(serde_json::to_string(&e).expect("j").contains("us-core-ethnicity"));
+        assert!(
+            serde_json::to_string(&e)
+                .expect("j")
+                .contains("us-core-ethnicity")
+        );
         let crid = crid_race(&l, Value::from(vec!["W", "D"]), None).expect("crid race");
-        assert_eq!(serde_json::to_string(&crid).expect("j"), r#"["2106-3","ASKU"]"#);
-        assert_eq!(crid_ethnicity(&l, Value::from("H"), None).expect("e").as_str(), Some("2135-2"));
-        assert!(us_core_race(&l, Value::from(()), None).expect("none").is_none());
+        assert_eq!(
+            serde_json::to_string(&crid).expect("j"),
+            r#"["2106-3","ASKU"]"#
+        );
+        assert_eq!(
+            crid_ethnicity(&l, Value::from("H"), None)
+                .expect("e")
+                .as_str(),
+            Some("2135-2")
+        );
+        assert!(
+            us_core_race(&l, Value::from(()), None)
+                .expect("none")
+                .is_none()
+        );
     }
 
     #[test]
@@ -540,7 +612,10 @@ mod tests {
 
     #[test]
     fn required_names_the_column() {
-        assert_eq!(required(Value::from("x"), None).expect("x").as_str(), Some("x"));
+        assert_eq!(
+            required(Value::from("x"), None).expect("x").as_str(),
+            Some("x")
+        );
         let e = required(Value::from(" "), Some("birth_date".into())).expect_err("empty");
         let src = std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<RequiredMissing>())
@@ -555,6 +630,10 @@ mod tests {
         assert_eq!(e.get_attr("fhir_gender").expect("g").as_str(), Some("male"));
         assert!(lookup_in(&l, "sex", &Value::from("Z")).is_err());
         assert!(lookup_in(&l, "nope", &Value::from("M")).is_err());
-        assert!(lookup_in(&l, "sex", &Value::from(())).expect("none").is_none());
+        assert!(
+            lookup_in(&l, "sex", &Value::from(()))
+                .expect("none")
+                .is_none()
+        );
     }
 }

@@ -52,9 +52,7 @@ impl LookupTable {
         }
         let mut entries = HashMap::new();
         for record in reader.records() {
-            let record = record.map_err(|e| {
-                bad(e.position().map(|p| p.line()), e.to_string())
-            })?;
+            let record = record.map_err(|e| bad(e.position().map(|p| p.line()), e.to_string()))?;
             let line = record.position().map(|p| p.line());
             let key = record.get(0).unwrap_or_default().to_string();
             if key.is_empty() {
@@ -159,7 +157,10 @@ mod tests {
         let t = LookupTable::load("sex", &p).expect("table");
         assert_eq!(t.len(), 2);
         let m = t.get("M").expect("M");
-        assert_eq!(m.get_attr("fhir_gender").expect("attr").as_str(), Some("male"));
+        assert_eq!(
+            m.get_attr("fhir_gender").expect("attr").as_str(),
+            Some("male")
+        );
         let u = t.get("U").expect("U trimmed");
         assert!(u.get_attr("crid_gender").expect("attr").is_none());
         assert!(t.get("X").is_none());

@@ -119,7 +119,12 @@ impl MappingSet {
                         "no source {:?} in {} (known: {})",
                         s.source,
                         config.file.display(),
-                        config.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+                        config
+                            .sources
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 });
             }
@@ -143,7 +148,10 @@ impl MappingSet {
             }
         }
         for s in &specs {
-            for (key, name) in [("template", Some(&s.template)), ("crid_template", s.crid_template.as_ref())] {
+            for (key, name) in [
+                ("template", Some(&s.template)),
+                ("crid_template", s.crid_template.as_ref()),
+            ] {
                 if let Some(name) = name {
                     if !loaded.contains_key(name.as_str()) {
                         problems.push(MappingError::Invalid {
@@ -180,9 +188,15 @@ impl MappingSet {
         );
         let center = JValue::from_iter([
             ("ccn", JValue::from(config.center.ccn.as_str())),
-            ("security_system", JValue::from(config.fhir.security_system.as_str())),
+            (
+                "security_system",
+                JValue::from(config.fhir.security_system.as_str()),
+            ),
             ("security_code", JValue::from(config.security_code())),
-            ("crid_system", JValue::from(config.fhir.crid_system.as_str())),
+            (
+                "crid_system",
+                JValue::from(config.fhir.crid_system.as_str()),
+            ),
             ("crid_pending", JValue::from(crate::resource::CRID_PENDING)),
         ]);
         Ok(MappingSet {
@@ -292,7 +306,8 @@ impl MappingSet {
                         ("code", JValue::from(w.code.as_str())),
                         ("value", cell_value(value)),
                     ]);
-                    let ctx = self.base_context(m, row, &patient_key, &identifier.value, Some(item));
+                    let ctx =
+                        self.base_context(m, row, &patient_key, &identifier.value, Some(item));
                     let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
                     out.push(MappedResource {
                         location: row.location.clone(),
@@ -359,19 +374,40 @@ impl MappingSet {
     }
 
     /// Renders a template to text (for `render` and the tests).
-    fn render_text(&self, m: &Mapping, row: &Row, template: &str, ctx: &JValue) -> Result<String, RowError> {
-        let t = self.env.get_template(template).map_err(|e| self.template_error(m, row, &e))?;
+    fn render_text(
+        &self,
+        m: &Mapping,
+        row: &Row,
+        template: &str,
+        ctx: &JValue,
+    ) -> Result<String, RowError> {
+        let t = self
+            .env
+            .get_template(template)
+            .map_err(|e| self.template_error(m, row, &e))?;
         t.render(ctx).map_err(|e| self.template_error(m, row, &e))
     }
 
-    fn render_json(&self, m: &Mapping, row: &Row, template: &str, ctx: &JValue) -> Result<serde_json::Value, RowError> {
+    fn render_json(
+        &self,
+        m: &Mapping,
+        row: &Row,
+        template: &str,
+        ctx: &JValue,
+    ) -> Result<serde_json::Value, RowError> {
         let text = self.render_text(m, row, template, ctx)?;
-        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(|e| RowError::Json {
-            location: row.location.clone(),
-            template: template.to_string(),
-            // serde's message names the position in the output, never the output itself.
-            message: format!("{} at line {} column {}", json_error_kind(&e), e.line(), e.column()),
-        })?;
+        let mut value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RowError::Json {
+                location: row.location.clone(),
+                template: template.to_string(),
+                // serde's message names the position in the output, never the output itself.
+                message: format!(
+                    "{} at line {} column {}",
+                    json_error_kind(&e),
+                    e.line(),
+                    e.column()
+                ),
+            })?;
         json::strip_nulls(&mut value);
         Ok(value)
     }
@@ -593,7 +629,9 @@ pub fn new_environment(lookups: Arc<Lookups>) -> Environment<'static> {
     ];
     for (name, f) in table_filters {
         let l = lookups.clone();
-        env.add_filter(name, move |v: JValue, table: Option<String>| f(&l, v, table));
+        env.add_filter(name, move |v: JValue, table: Option<String>| {
+            f(&l, v, table)
+        });
     }
     env
 }

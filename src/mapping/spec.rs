@@ -80,11 +80,13 @@ impl MappingSpec {
         let mut spec: MappingSpec = crate::config::parse_toml(path, &text)
             .map_err(|e| vec![MappingError::Config(Box::new(e))])?;
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
-        spec.template_dir = Some(dir.join(
-            spec.template_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("../templates")),
-        ));
+        spec.template_dir = Some(
+            dir.join(
+                spec.template_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("../templates")),
+            ),
+        );
         for table in spec.lookups.values_mut() {
             *table = dir.join(&*table);
         }
@@ -135,8 +137,15 @@ impl MappingSpec {
         if self.record_key.is_empty() {
             bad("record_key", "name at least one column".into());
         }
-        if !self.resource_type.chars().next().is_some_and(|c| c.is_ascii_uppercase())
-            || !self.resource_type.chars().all(|c| c.is_ascii_alphanumeric())
+        if !self
+            .resource_type
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase())
+            || !self
+                .resource_type
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric())
         {
             bad(
                 "resource_type",
@@ -152,7 +161,10 @@ impl MappingSpec {
                     );
                 }
                 if !self.wide.is_empty() {
-                    bad("wide", "a patient mapping yields one Patient per row".into());
+                    bad(
+                        "wide",
+                        "a patient mapping yields one Patient per row".into(),
+                    );
                 }
             }
             MappingKind::Resource => {

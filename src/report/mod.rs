@@ -220,7 +220,12 @@ impl RunReport {
             let _ = writeln!(
                 s,
                 "  {:<20} {:>8} read {:>8} mapped {:>6} rejected {:>8} {}",
-                m.mapping, m.rows_read, m.rows_mapped, m.rows_rejected, m.resources, m.resource_type
+                m.mapping,
+                m.rows_read,
+                m.rows_mapped,
+                m.rows_rejected,
+                m.resources,
+                m.resource_type
             );
         }
         if !self.sink.is_empty() {
@@ -242,7 +247,11 @@ impl RunReport {
         }
         if !self.warnings.is_empty() {
             let total: u64 = self.warnings.iter().map(|w| w.count).sum();
-            let _ = writeln!(s, "{total} validation warnings in {} groups (see report.json)", self.warnings.len());
+            let _ = writeln!(
+                s,
+                "{total} validation warnings in {} groups (see report.json)",
+                self.warnings.len()
+            );
         }
         s
     }

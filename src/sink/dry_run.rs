@@ -92,7 +92,11 @@ impl DryRunSink {
         }
     }
 
-    fn write_resource(&mut self, r: &MappedResource, full_url: String) -> Result<RowOutcome, SinkError> {
+    fn write_resource(
+        &mut self,
+        r: &MappedResource,
+        full_url: String,
+    ) -> Result<RowOutcome, SinkError> {
         let name = format!("{}.ndjson", r.resource_type);
         if !self.ndjson.contains_key(&r.resource_type) {
             let w = create_private(&self.dir.join(&name)).map_err(|e| self.io(&name, e))?;
