@@ -1,1 +1,465 @@
-//! Integration tests: loader.
+//! Integration tests: the loader against the real sandbox on 127.0.0.1 — loads exactly once,
+//! repeats change nothing, faults never duplicate, ambiguous CRIDs reject their patient, secrets
+//! stay out of logs.
+#![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use fhirlift::config::{FhirUris, GrantType, TargetKind};
+use fhirlift::ledger::{Ledger, Scope};
+use fhirlift::resource::{MappedPatient, MappedResource};
+use fhirlift::sandbox::{Faults, SandboxConfig, SandboxHandle};
+use fhirlift::sink::load::credentials::{Credentials, Secret};
+use fhirlift::sink::load::retry::RetryPolicy;
+use fhirlift::sink::load::summary::LoadSummary;
+use fhirlift::sink::load::synthetic::{self, OBSERVATION_SYSTEM};
+use fhirlift::sink::load::target::Endpoints;
+use fhirlift::sink::load::{Auth, LedgerHook, Loader, LoaderConfig};
+use fhirlift::sink::{OutcomeStatus, RowOutcome, Sink, SinkError};
+use serde_json::{Value, json};
+
+const CCN: &str = "12001";
+
+fn start(config: SandboxConfig) -> SandboxHandle {
+    SandboxHandle::start(config, "127.0.0.1:0").unwrap()
+}
+
+fn sandbox_auth() -> Auth {
+    Auth::OAuth {
+        grant: GrantType::Password,
+        credentials: Credentials {
+            client_id: Secret::new("fhirlift-sandbox"),
+            client_secret: Secret::new("sandbox-secret"),
+            username: Some(Secret::new("sandbox-user")),
+            password: Some(Secret::new("sandbox-password")),
+        },
+        scope: Some("api_cibmtr_fhir_ehr_client".into()),
+    }
+}
+
+fn config_for(sb: &SandboxHandle) -> LoaderConfig {
+    let base = url::Url::parse(&sb.base_url()).unwrap();
+    let token = url::Url::parse(&sb.token_url()).unwrap();
+    let mut c = LoaderConfig::new(
+        Endpoints::cibmtr(TargetKind::Custom, &base, Some(token)),
+        sandbox_auth(),
+        CCN,
+    );
+    c.retry = RetryPolicy {
+        max_attempts: 10,
+        base_delay: std::time::Duration::from_millis(10),
+        max_delay: std::time::Duration::from_millis(200),
+        max_retry_after: std::time::Duration::from_secs(1),
+    };
+    c
+}
+
+/// Runs one load and returns its outcomes and summary.
+fn load(
+    config: LoaderConfig,
+    ledger: Option<LedgerHook>,
+    patients: Vec<MappedPatient>,
+    resources: Vec<MappedResource>,
+) -> Result<(Vec<RowOutcome>, LoadSummary), SinkError> {
+    let mut loader = Loader::new(config, ledger, None).unwrap();
+    let summary = loader.summary_handle();
+    loader.patients(patients)?;
+    loader.resources(resources)?;
+    let outcomes = Box::new(loader).finish()?;
+    let s = summary.lock().unwrap().clone().unwrap();
+    Ok((outcomes, s))
+}
+
+/// Asks the server, by identifier, how many resources carry each identifier value.
+fn server_counts(
+    sb: &SandboxHandle,
+    rtype: &str,
+    system: &str,
+    values: &[String],
+) -> HashMap<String, usize> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let t: Value = c
+            .post(sb.token_url())
+            .basic_auth("fhirlift-sandbox", Some("sandbox-secret"))
+            .form(&[
+                ("grant_type", "password"),
+                ("username", "sandbox-user"),
+                ("password", "sandbox-password"),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = t["access_token"].as_str().unwrap().to_string();
+        let mut counts: HashMap<String, usize> = values.iter().map(|v| (v.clone(), 0)).collect();
+        for chunk in values.chunks(100) {
+            let any: Vec<String> = chunk.iter().map(|v| format!("{system}|{v}")).collect();
+            let b: Value = c
+                .get(format!("{}/r4/{rtype}", sb.base_url()))
+                .bearer_auth(&token)
+                .query(&[("identifier", any.join(",")), ("_count", "1000".into())])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            for e in b["entry"].as_array().cloned().unwrap_or_default() {
+                for id in e["resource"]["identifier"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    if id["system"] == system {
+                        *counts
+                            .entry(id["value"].as_str().unwrap().to_string())
+                            .or_default() += 1;
+                    }
+                }
+            }
+        }
+        counts
+    })
+}
+
+fn statuses(outcomes: &[RowOutcome]) -> HashMap<OutcomeStatus, usize> {
+    let mut m = HashMap::new();
+    for o in outcomes {
+        *m.entry(o.status).or_default() += 1;
+    }
+    m
+}
+
+fn obs_values(resources: &[MappedResource]) -> Vec<String> {
+    resources
+        .iter()
+        .map(|r| r.identifier.value.clone())
+        .collect()
+}
+
+/// Every expected Observation exists exactly once, and refers to its patient's server id.
+fn assert_exactly_once(sb: &SandboxHandle, outcomes: &[RowOutcome], resources: &[MappedResource]) {
+    let counts = server_counts(
+        sb,
+        "Observation",
+        OBSERVATION_SYSTEM,
+        &obs_values(resources),
+    );
+    let wrong: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(wrong.is_empty(), "not exactly once: {wrong:?}");
+    let stats = sb.stats();
+    assert_eq!(stats.resources("Observation"), resources.len() as u64);
+    let ids: HashSet<_> = outcomes
+        .iter()
+        .filter_map(|o| o.server_id.clone())
+        .collect();
+    assert_eq!(ids.len(), outcomes.len(), "every row has its own server id");
+}
+
+#[test]
+fn loads_every_resource_exactly_once_and_a_repeat_creates_nothing() {
+    let sb = start(SandboxConfig::default());
+    let (p, o) = synthetic::generate(12, 5, CCN, &FhirUris::default());
+    let (out, summary) = load(config_for(&sb), None, p.clone(), o.clone()).unwrap();
+    assert_eq!(
+        statuses(&out),
+        HashMap::from([(OutcomeStatus::Created, 72)]),
+        "{out:#?}"
+    );
+    assert_eq!((summary.created, summary.rejected), (72, 0));
+    assert_exactly_once(&sb, &out, &o);
+    assert_eq!(sb.stats().resources("Patient"), 12);
+
+    // Observations point at their patient's server id, not at the placeholder or the CRID.
+    let patient_ids: HashMap<String, String> = p
+        .iter()
+        .zip(&out)
+        .map(|(p, o)| (p.resource.patient_key.clone(), o.server_id.clone().unwrap()))
+        .collect();
+    let created_before = sb.stats().requests_total("create:Observation");
+
+    // A fresh loader (no ledger): finds everything, changes nothing, creates nothing.
+    let (again, _) = load(config_for(&sb), None, p, o.clone()).unwrap();
+    assert_eq!(
+        statuses(&again),
+        HashMap::from([(OutcomeStatus::Unchanged, 72)])
+    );
+    assert_eq!(
+        sb.stats().requests_total("create:Observation"),
+        created_before
+    );
+    assert_eq!(sb.stats().requests_total("create:Patient"), 12);
+    assert_exactly_once(&sb, &again, &o);
+    for (r, oc) in o.iter().zip(&again[12..]) {
+        assert_eq!(oc.identifier.as_ref().unwrap().value, r.identifier.value);
+        assert!(oc.server_id.is_some());
+    }
+    assert_eq!(patient_ids.len(), 12);
+}
+
+#[test]
+fn with_a_ledger_a_repeat_sends_nothing_and_a_change_is_an_update() {
+    let sb = start(SandboxConfig::default());
+    let state = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::open(state.path()).unwrap());
+    let hook = LedgerHook {
+        ledger: ledger.clone(),
+        scope: Scope::new("sandbox-test", CCN),
+    };
+    let (p, mut o) = synthetic::generate(4, 3, CCN, &FhirUris::default());
+    let (out, _) = load(config_for(&sb), Some(hook.clone()), p.clone(), o.clone()).unwrap();
+    assert_eq!(
+        statuses(&out),
+        HashMap::from([(OutcomeStatus::Created, 16)])
+    );
+    let before = sb.stats();
+
+    o[0].body["status"] = json!("amended");
+    let (again, summary) = load(config_for(&sb), Some(hook), p, o).unwrap();
+    assert_eq!(
+        statuses(&again),
+        HashMap::from([(OutcomeStatus::Unchanged, 15), (OutcomeStatus::Updated, 1)])
+    );
+    let after = sb.stats();
+    // One token and one PUT: no CRID request, no search, no create.
+    assert_eq!(summary.requests, 1);
+    assert_eq!(after.requests_total("crid"), before.requests_total("crid"));
+    assert_eq!(
+        after.requests_total("search:Observation"),
+        before.requests_total("search:Observation")
+    );
+    assert_eq!(after.requests_total("update:Observation"), 1);
+}
+
+fn faulty(seed: u64) -> SandboxConfig {
+    SandboxConfig {
+        token_ttl_secs: 2,
+        seed,
+        faults: Faults {
+            latency_ms: 5,
+            error_rate: 0.08,
+            throttle_rate: 0.08,
+            retry_after_secs: 0,
+            drop_rate: 0.08,
+            lost_answer_rate: 0.08,
+            ..Faults::default()
+        },
+        ..SandboxConfig::default()
+    }
+}
+
+fn assert_settled(out: &[RowOutcome]) {
+    for o in out {
+        match o.status {
+            OutcomeStatus::Created | OutcomeStatus::Updated | OutcomeStatus::Unchanged => {
+                assert!(o.server_id.is_some(), "{o:?}")
+            }
+            OutcomeStatus::Rejected => assert!(o.message.is_some(), "{o:?}"),
+            _ => panic!("row neither submitted nor rejected: {o:?}"),
+        }
+    }
+}
+
+#[test]
+fn faults_never_duplicate_single_requests() {
+    let sb = start(faulty(7));
+    let (p, o) = synthetic::generate(20, 6, CCN, &FhirUris::default());
+    let (out, summary) = load(config_for(&sb), None, p, o.clone()).unwrap();
+    assert_settled(&out);
+    assert_eq!(summary.rejected, 0, "{out:#?}");
+    assert_exactly_once(&sb, &out, &o);
+    assert_eq!(sb.stats().resources("Patient"), 20);
+    let stats = sb.stats();
+    for fault in ["error", "throttle", "drop", "lost_answer"] {
+        assert!(
+            stats.faults(fault) > 0,
+            "fault {fault} never fired: {stats:?}"
+        );
+    }
+    assert!(summary.retried > 0);
+    // 2-second tokens over a run of several seconds: refreshed, never failed.
+    assert!(
+        summary.token_requests >= 2 || summary.elapsed.as_secs() < 2,
+        "{summary:?}"
+    );
+}
+
+#[test]
+fn faults_never_duplicate_bundles() {
+    let sb = start(faulty(11));
+    let (p, o) = synthetic::generate(10, 12, CCN, &FhirUris::default());
+    let mut c = config_for(&sb);
+    c.bundle_size = 5;
+    let (out, summary) = load(c, None, p, o.clone()).unwrap();
+    assert_settled(&out);
+    assert_eq!(summary.rejected, 0, "{out:#?}");
+    assert_exactly_once(&sb, &out, &o);
+    assert!(sb.stats().requests_total("transaction") > 0);
+}
+
+#[test]
+fn one_bad_resource_never_blocks_its_bundle() {
+    let sb = start(SandboxConfig::default());
+    let (p, mut o) = synthetic::generate(2, 10, CCN, &FhirUris::default());
+    // No LOINC code: the server refuses it (and with it the whole transaction).
+    o[3].body["code"] = json!({"text": "no coding"});
+    o[3].body.as_object_mut().unwrap().remove("status");
+    let mut c = config_for(&sb);
+    c.bundle_size = 10;
+    let (out, summary) = load(c, None, p, o.clone()).unwrap();
+    assert_eq!(summary.rejected, 1);
+    let bad = &out[2 + 3];
+    assert_eq!(bad.status, OutcomeStatus::Rejected);
+    assert!(matches!(bad.http_status, Some(400 | 422)), "{bad:?}");
+    assert!(
+        bad.message.as_deref().unwrap().contains("status"),
+        "{bad:?}"
+    );
+    assert_eq!(bad.location.to_string(), o[3].location.to_string());
+    assert_eq!(sb.stats().resources("Observation"), 19);
+}
+
+#[test]
+fn an_ambiguous_crid_rejects_the_patient_and_its_resources_and_the_run_goes_on() {
+    let sb = start(SandboxConfig::default());
+    let uris = FhirUris::default();
+    let (mut p, o) = synthetic::generate(3, 2, CCN, &uris);
+    // Patients 0 and 1 share a birth date and gender and carry SSNs.
+    let d1 = p[1].crid_demographics.as_mut().unwrap();
+    d1.insert("birthDate".into(), json!("1960-01-01"));
+    d1.insert("gender".into(), json!("M"));
+    d1.insert("ssn".into(), json!("111-11-1111"));
+    let d0 = p[0].crid_demographics.as_mut().unwrap();
+    d0.insert("birthDate".into(), json!("1960-01-01"));
+    d0.insert("ssn".into(), json!("000-00-0000"));
+    let (first, _) = load(config_for(&sb), None, p[..2].to_vec(), o[..4].to_vec()).unwrap();
+    assert!(
+        first.iter().all(|o| o.status == OutcomeStatus::Created),
+        "{first:#?}"
+    );
+
+    // Patient 2 claims patient 1's SSN with patient 0's name: two perfect matches.
+    let mut confused = p[2].clone();
+    let d = confused.crid_demographics.as_mut().unwrap();
+    for k in ["firstName", "lastName", "birthDate", "gender"] {
+        d.insert(
+            k.into(),
+            p[0].crid_demographics.as_ref().unwrap()[k].clone(),
+        );
+    }
+    d.insert("ssn".into(), json!("111-11-1111"));
+    // And a patient with no last name: refused by the CRID service.
+    let (mut extra, extra_obs) = synthetic::generate(5, 2, CCN, &uris);
+    let mut incomplete = extra.remove(4);
+    incomplete
+        .crid_demographics
+        .as_mut()
+        .unwrap()
+        .remove("lastName");
+    let mut resources = o[4..].to_vec();
+    resources.extend(extra_obs[8..].iter().cloned());
+    let (out, summary) =
+        load(config_for(&sb), None, vec![confused, incomplete], resources).unwrap();
+    assert_eq!(summary.rejected, 6, "{out:#?}");
+    assert!(
+        out[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("2 perfect matches"),
+        "{:?}",
+        out[0]
+    );
+    assert!(
+        out[2].message.as_deref().unwrap().contains("rejected"),
+        "{:?}",
+        out[2]
+    );
+    assert_eq!(out[1].http_status, Some(400));
+    assert!(
+        out[1].message.as_deref().unwrap().contains("lastName"),
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(sb.stats().resources("Patient"), 2);
+}
+
+#[test]
+fn bad_credentials_abort_before_anything_is_sent() {
+    let sb = start(SandboxConfig::default());
+    let mut c = config_for(&sb);
+    c.auth = Auth::OAuth {
+        grant: GrantType::Password,
+        credentials: Credentials {
+            client_id: Secret::new("fhirlift-sandbox"),
+            client_secret: Secret::new("wrong-secret-value"),
+            username: Some(Secret::new("sandbox-user")),
+            password: Some(Secret::new("sandbox-password")),
+        },
+        scope: None,
+    };
+    let (p, o) = synthetic::generate(2, 2, CCN, &FhirUris::default());
+    let e = load(c, None, p, o).unwrap_err();
+    assert!(matches!(e, SinkError::Auth(_)), "{e}");
+    assert!(!e.to_string().contains("wrong-secret-value"), "{e}");
+    assert_eq!(sb.stats().requests_total("crid"), 0);
+}
+
+#[test]
+fn production_needs_confirmation_and_says_what_it_would_send() {
+    // Loopback URLs under the production kind: even a bug could not reach the real service.
+    let sb = start(SandboxConfig::default());
+    let mut c = config_for(&sb);
+    c.endpoints.kind = TargetKind::Production;
+    let (p, o) = synthetic::generate(2, 3, CCN, &FhirUris::default());
+    let e = load(c, None, p, o).unwrap_err().to_string();
+    assert!(
+        e.contains("8 resources") && e.contains("12001") && e.contains("--confirm-production"),
+        "{e}"
+    );
+    assert_eq!(sb.stats().requests_total("token"), 0);
+}
+
+#[test]
+fn short_lived_tokens_are_refreshed_and_a_refused_token_is_retried_once() {
+    // 1-second tokens, 20 ms per request, one request at a time: at least 70 requests take well
+    // over a second, so the token must be refreshed along the way.
+    let sb = start(SandboxConfig {
+        token_ttl_secs: 1,
+        faults: Faults {
+            latency_ms: 20,
+            include_token_endpoint: false,
+            ..Faults::default()
+        },
+        ..SandboxConfig::default()
+    });
+    let (p, o) = synthetic::generate(10, 5, CCN, &FhirUris::default());
+    let mut c = config_for(&sb);
+    c.concurrency = 1;
+    let (out, summary) = load(c, None, p, o).unwrap();
+    assert_settled(&out);
+    assert_eq!(summary.created, 60);
+    assert!(summary.token_requests >= 2, "{summary:?}");
+    assert_eq!(sb.stats().requests("crid", "401"), 0);
+
+    // Tokens that are expired when issued: the first 401 gets one refresh and one retry, the
+    // second stops the run as an authentication failure.
+    let dead = start(SandboxConfig {
+        token_ttl_secs: 0,
+        ..SandboxConfig::default()
+    });
+    let (p, o) = synthetic::generate(1, 1, CCN, &FhirUris::default());
+    let e = load(config_for(&dead), None, p, o).unwrap_err();
+    assert!(matches!(e, SinkError::Auth(_)), "{e}");
+    assert_eq!(dead.stats().requests_total("token"), 2);
+    assert_eq!(dead.stats().requests_total("crid"), 2);
+}

@@ -44,6 +44,16 @@ impl Query {
     }
 }
 
+/// What to do with the one resource a search finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMatch {
+    /// Use it as it is (the contract's rule for Patients: the server rewrites them — names
+    /// removed, its own labels and narrative — so a comparison would never match).
+    Reuse,
+    /// Update it when its content differs from ours.
+    UpdateIfChanged,
+}
+
 /// How one resource ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Upserted {
@@ -177,6 +187,7 @@ impl FhirClient {
         query: &Query,
         body: &Value,
         search_first: bool,
+        on_match: OnMatch,
     ) -> Result<Upserted, FatalError> {
         let policy = self.transport.retry_policy().clone();
         let mut attempts = 0u32;
@@ -209,7 +220,7 @@ impl FhirClient {
                                 attempts,
                             });
                         }
-                        if same_content(body, one) {
+                        if on_match == OnMatch::Reuse || same_content(body, one) {
                             return Ok(Upserted::Unchanged {
                                 id: id.to_string(),
                                 attempts,

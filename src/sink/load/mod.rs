@@ -16,6 +16,7 @@ pub mod fhir;
 pub mod http;
 pub mod retry;
 pub mod summary;
+pub mod synthetic;
 pub mod target;
 pub mod token;
 
@@ -30,7 +31,7 @@ use tokio::task::JoinSet;
 
 use self::credentials::Credentials;
 use self::crid::{CridAssigner, CridError, CridOutcome};
-use self::fhir::{FatalError, FhirClient, Query, Upserted};
+use self::fhir::{FatalError, FhirClient, OnMatch, Query, Upserted};
 use self::http::{CallError, Transport};
 use self::retry::RetryPolicy;
 use self::summary::LoadSummary;
@@ -265,6 +266,8 @@ impl Loader {
 }
 
 impl Sink for Loader {
+    // Everything is settled in `finish`: a patient's resources arrive after all patients, and
+    // the Patient must exist on the server before them.
     fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError> {
         self.patients.extend(batch);
         Ok(Vec::new())
@@ -690,6 +693,7 @@ async fn submit_one(
     hash: &str,
     query: &Query,
     nothing_can_exist: bool,
+    on_match: OnMatch,
 ) -> Result<Upserted, FatalError> {
     let up = match plan(shared, r, hash) {
         Plan::Skip(id) => Upserted::Unchanged { id, attempts: 0 },
@@ -701,14 +705,17 @@ async fn submit_one(
                     status: Some(404 | 410),
                     attempts,
                     ..
-                } => add_attempts(shared.fhir.upsert(query, body, true).await?, attempts),
+                } => add_attempts(
+                    shared.fhir.upsert(query, body, true, on_match).await?,
+                    attempts,
+                ),
                 other => other,
             }
         }
         Plan::Search { known } => {
             shared
                 .fhir
-                .upsert(query, body, known || !nothing_can_exist)
+                .upsert(query, body, known || !nothing_can_exist, on_match)
                 .await?
         }
     };
@@ -868,6 +875,7 @@ async fn load_single(shared: &Shared, item: Item, fresh: bool) -> Indexed {
             &item.hash,
             &query,
             fresh,
+            OnMatch::UpdateIfChanged,
         )
         .await
         {
@@ -931,7 +939,7 @@ async fn patient_step(
         None => Query::by_identifier("Patient", &r.identifier),
     };
     let hash = content_hash(&body);
-    let up = submit_one(shared, r, &body, &hash, &query, false).await?;
+    let up = submit_one(shared, r, &body, &hash, &query, false, OnMatch::Reuse).await?;
     let outcome = outcome_of(r, &up);
     let ready = match (&up, up.server_id()) {
         (Upserted::Created { .. }, Some(id)) => PatientReady::Ready {
