@@ -313,7 +313,8 @@ impl Sandbox {
 }
 
 /// Requests per interaction and status that happened between two stats snapshots, token
-/// requests left out (authentication is not a FHIR or CRID request).
+/// requests (authentication is not a FHIR or CRID request) and the stats requests themselves
+/// left out.
 fn requests_between(
     before: &serde_json::Value,
     after: &serde_json::Value,
@@ -323,7 +324,7 @@ fn requests_between(
         return out;
     };
     for (interaction, statuses) in after {
-        if interaction == "token" {
+        if interaction == "token" || interaction == "stats" {
             continue;
         }
         for (status, n) in statuses.as_object().into_iter().flatten() {
