@@ -367,8 +367,11 @@ impl Registry {
     fn add_patient(&mut self, p: usize, labs: usize) {
         let mrn = format!("{p:06}");
         let birth = format!("19{:02}-{:02}-{:02}", 40 + p % 60, 1 + p % 12, 1 + p % 28);
-        self.patients
-            .push((mrn.clone(), birth, if p % 2 == 0 { "F" } else { "M" }));
+        self.patients.push((
+            mrn.clone(),
+            birth,
+            if p.is_multiple_of(2) { "F" } else { "M" },
+        ));
         for j in 0..labs {
             self.add_lab(&mrn, j);
         }
@@ -609,29 +612,46 @@ fn killed_runs_leave_no_duplicate_and_no_gap() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let dir = tempfile::tempdir().expect("tempdir");
-    // A little latency so that a load of a few thousand resources takes long enough to be
-    // killed in the middle.
-    let sb = Sandbox::start(dir.path(), &["--latency-ms", "2"]);
+    let sb = Sandbox::start(dir.path(), &[]);
     let config = nightly_config(dir.path(), &sb);
     let reg = Registry::generate(300, 10);
     reg.write(dir.path());
+    let stored = |sb: &Sandbox| {
+        let s = sb.stats();
+        s["resources"]["Patient"].as_u64().unwrap_or(0)
+            + s["resources"]["Observation"].as_u64().unwrap_or(0)
+    };
 
-    let mut kills = 0;
-    for _ in 0..6 {
+    // The first kill comes at a random moment of the start (reading, mapping, CRIDs); the
+    // others once the server holds a random number more resources than before the run, so
+    // every kill lands in the middle of sending.
+    let mut kills = Vec::new();
+    for round in 0..6 {
         let mut child = run_cmd(&config, &[])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start a run");
-        let delay = rng.random_range(100..1500);
-        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let before = stored(&sb);
+        if round == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(rng.random_range(50..400)));
+        } else {
+            let target = before + rng.random_range(1..500);
+            while stored(&sb) < target && child.try_wait().expect("poll the run").is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         if child.try_wait().expect("poll the run").is_none() {
             child.kill().expect("SIGKILL the run");
-            kills += 1;
+            kills.push(stored(&sb));
         }
         child.wait().expect("reap the run");
     }
-    eprintln!("killed {kills} runs");
+    eprintln!("killed runs with the server holding {kills:?} resources");
+    assert!(
+        kills.len() >= 4,
+        "most runs were killed mid-load: {kills:?}"
+    );
     let last = run_cmd(&config, &[]).output().expect("final run");
     assert_eq!(
         last.status.code(),
