@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::common;
 use fhirlift::config::{FhirUris, GrantType, TargetKind};
 use fhirlift::ledger::{Ledger, Scope};
 use fhirlift::resource::{MappedPatient, MappedResource};
@@ -462,4 +463,114 @@ fn short_lived_tokens_are_refreshed_and_a_refused_token_is_retried_once() {
     assert!(matches!(e, SinkError::Auth(_)), "{e}");
     assert_eq!(dead.stats().requests_total("token"), 2);
     assert_eq!(dead.stats().requests_total("crid"), 2);
+}
+
+fn write_config(dir: &std::path::Path, target: &str) -> std::path::PathBuf {
+    let p = dir.join("pipeline.toml");
+    std::fs::write(
+        &p,
+        format!("[center]\nccn = \"12001\"\n[sources.a]\npath = \"a.csv\"\n{target}"),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn check_reads_the_capability_statement_and_never_logs_secrets() {
+    let sb = start(SandboxConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[target]\nkind = \"custom\"\nbase_url = \"{}\"\ntoken_url = \"{}\"\n",
+            sb.base_url(),
+            sb.token_url()
+        ),
+    );
+    let out = common::fhirlift()
+        .args(["-vvv", "check"])
+        .arg(&config)
+        .env("RUST_LOG", "trace")
+        .env("FHIRLIFT_CLIENT_ID", "fhirlift-sandbox")
+        .env("FHIRLIFT_CLIENT_SECRET", "sandbox-secret")
+        .env("FHIRLIFT_USERNAME", "sandbox-user")
+        .env("FHIRLIFT_PASSWORD", "sandbox-password")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("can work against this target"), "{stdout}");
+    assert!(
+        stderr.len() > 100,
+        "trace logging produced output: {stderr}"
+    );
+    for secret in [
+        "sandbox-secret",
+        "sandbox-password",
+        "Bearer ",
+        "access_token",
+    ] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} leaked"
+        );
+    }
+    // Nothing was sent: no CRID request, no resource.
+    let stats = sb.stats();
+    assert_eq!(stats.requests_total("crid"), 0);
+    assert_eq!(stats.resources("Patient"), 0);
+
+    // Wrong secret: exit 3, and the secret is not in the message.
+    let out = common::fhirlift()
+        .arg("check")
+        .arg(&config)
+        .env("FHIRLIFT_CLIENT_ID", "fhirlift-sandbox")
+        .env("FHIRLIFT_CLIENT_SECRET", "not-the-secret")
+        .env("FHIRLIFT_USERNAME", "sandbox-user")
+        .env("FHIRLIFT_PASSWORD", "sandbox-password")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3), "{all}");
+    assert!(!all.contains("not-the-secret"), "{all}");
+}
+
+#[test]
+fn check_refuses_plain_http_to_remote_hosts_and_missing_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[target]\nkind = \"custom\"\nbase_url = \"http://example.org/v1\"\ntoken_url = \"https://example.org/token\"\n",
+    );
+    let out = common::fhirlift()
+        .arg("check")
+        .arg(&config)
+        .env("FHIRLIFT_CLIENT_ID", "x")
+        .env("FHIRLIFT_CLIENT_SECRET", "y")
+        .env("FHIRLIFT_USERNAME", "u")
+        .env("FHIRLIFT_PASSWORD", "p")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("plain http://"), "{err}");
+
+    let config = write_config(dir.path(), "[target]\nkind = \"test\"\n");
+    let out = common::fhirlift()
+        .arg("check")
+        .arg(&config)
+        .env_remove("FHIRLIFT_CLIENT_ID")
+        .env_remove("FHIRLIFT_CLIENT_SECRET")
+        .env_remove("FHIRLIFT_USERNAME")
+        .env_remove("FHIRLIFT_PASSWORD")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("FHIRLIFT_CLIENT_SECRET"), "{err}");
 }

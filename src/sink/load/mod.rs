@@ -10,11 +10,13 @@
 //! It must not log resource content, demographics, tokens or secrets above TRACE, retry outside
 //! [`retry`], or create anything without first ruling out that an earlier attempt already did.
 
+pub mod capability;
 pub mod credentials;
 pub mod crid;
 pub mod fhir;
 pub mod http;
 pub mod retry;
+pub mod setup;
 pub mod summary;
 pub mod synthetic;
 pub mod target;
