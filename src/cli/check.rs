@@ -141,10 +141,10 @@ pub fn run(args: CheckArgs) -> CommandResult {
 fn resource_types(config: &PipelineConfig) -> Vec<String> {
     let mut types = vec!["Patient".to_string()];
     for path in &config.mappings {
-        if let Ok(spec) = MappingSpec::load(path) {
-            if !types.contains(&spec.resource_type) {
-                types.push(spec.resource_type);
-            }
+        if let Ok(spec) = MappingSpec::load(path)
+            && !types.contains(&spec.resource_type)
+        {
+            types.push(spec.resource_type);
         }
     }
     if types.len() == 1 {

@@ -106,9 +106,9 @@ pub fn assess(
         }
         for p in needed_params {
             // `_security` is a parameter of every resource; servers may list it once, for all.
-            if !params.iter().chain(&common_params).any(|x| x == p)
-                && !(p == "_security" && params.is_empty())
-            {
+            let listed = params.iter().chain(&common_params).any(|x| x == p)
+                || (p == "_security" && params.is_empty());
+            if !listed {
                 missing.push(p);
             }
         }
