@@ -65,7 +65,8 @@ fn main() {
         }
     };
     let uris = FhirUris::default();
-    let (patients, resources) = synthetic::generate(args.patients, args.per_patient, "12001", &uris);
+    let (patients, resources) =
+        synthetic::generate(args.patients, args.per_patient, "12001", &uris);
     let total = patients.len() + resources.len();
     println!(
         "{} patients, {} Observations ({} resources), {} ms added latency per request",
@@ -127,7 +128,11 @@ fn main() {
         println!(
             "{:>11} {:>7} {:>9.1} {:>9} {:>12.0} {:>12.0} {:>8.0}%",
             concurrency,
-            if bundle > 1 { bundle.to_string() } else { "single".into() },
+            if bundle > 1 {
+                bundle.to_string()
+            } else {
+                "single".into()
+            },
             secs,
             s.requests,
             rate,
