@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod problems;
+
+pub use problems::{Problem, Problems};
+
 pub use crate::source::row::ColumnType;
 
 /// Default null tokens: cells holding exactly one of these (after trimming) are empty.

@@ -435,6 +435,19 @@ pub fn open(
     })
 }
 
+/// Opens every source of a pipeline (reading headers only) and records each one that cannot be
+/// opened or lacks a declared column. Touches no network and writes nothing.
+pub fn check_sources(
+    config: &crate::config::PipelineConfig,
+    problems: &mut crate::config::Problems,
+) {
+    for (name, cfg) in &config.sources {
+        if let Err(e) = open(name, cfg, &config.defaults) {
+            problems.push(format!("sources.{name}"), &e);
+        }
+    }
+}
+
 /// Opens a file from its path alone (format from the extension, everything else detected or
 /// default), as `inspect` does. `cfg` may carry the flags' overrides.
 pub fn open_path(path: &Path) -> Result<SourceReader, SourceError> {
