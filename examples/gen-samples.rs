@@ -65,18 +65,102 @@ struct Test {
 }
 
 const TESTS: &[Test] = &[
-    Test { code: "HGB", unit: "g/dL", low: 70, high: 170, reference: Some(("12.0", "17.5")), decimals: 1 },
-    Test { code: "WBC", unit: "K/uL", low: 5, high: 150, reference: Some(("4.0", "11.0")), decimals: 1 },
-    Test { code: "PLT", unit: "K/uL", low: 100, high: 4500, reference: Some(("150", "400")), decimals: 0 },
-    Test { code: "ANC", unit: "K/uL", low: 0, high: 90, reference: Some(("1.5", "8.0")), decimals: 1 },
-    Test { code: "CREAT", unit: "mg/dL", low: 4, high: 30, reference: Some(("0.6", "1.3")), decimals: 1 },
-    Test { code: "ALT", unit: "U/L", low: 50, high: 2000, reference: Some(("7", "56")), decimals: 0 },
-    Test { code: "AST", unit: "U/L", low: 50, high: 1500, reference: Some(("10", "40")), decimals: 0 },
-    Test { code: "TBILI", unit: "mg/dL", low: 2, high: 60, reference: Some(("0.1", "1.2")), decimals: 1 },
-    Test { code: "ALB", unit: "g/dL", low: 20, high: 55, reference: Some(("3.5", "5.0")), decimals: 1 },
-    Test { code: "LDH", unit: "U/L", low: 1000, high: 9000, reference: Some(("140", "280")), decimals: 0 },
-    Test { code: "FERRITIN", unit: "ng/mL", low: 100, high: 40000, reference: None, decimals: 0 },
-    Test { code: "CMVPCR", unit: "IU/mL", low: 350, high: 500000, reference: None, decimals: 0 },
+    Test {
+        code: "HGB",
+        unit: "g/dL",
+        low: 70,
+        high: 170,
+        reference: Some(("12.0", "17.5")),
+        decimals: 1,
+    },
+    Test {
+        code: "WBC",
+        unit: "K/uL",
+        low: 5,
+        high: 150,
+        reference: Some(("4.0", "11.0")),
+        decimals: 1,
+    },
+    Test {
+        code: "PLT",
+        unit: "K/uL",
+        low: 100,
+        high: 4500,
+        reference: Some(("150", "400")),
+        decimals: 0,
+    },
+    Test {
+        code: "ANC",
+        unit: "K/uL",
+        low: 0,
+        high: 90,
+        reference: Some(("1.5", "8.0")),
+        decimals: 1,
+    },
+    Test {
+        code: "CREAT",
+        unit: "mg/dL",
+        low: 4,
+        high: 30,
+        reference: Some(("0.6", "1.3")),
+        decimals: 1,
+    },
+    Test {
+        code: "ALT",
+        unit: "U/L",
+        low: 50,
+        high: 2000,
+        reference: Some(("7", "56")),
+        decimals: 0,
+    },
+    Test {
+        code: "AST",
+        unit: "U/L",
+        low: 50,
+        high: 1500,
+        reference: Some(("10", "40")),
+        decimals: 0,
+    },
+    Test {
+        code: "TBILI",
+        unit: "mg/dL",
+        low: 2,
+        high: 60,
+        reference: Some(("0.1", "1.2")),
+        decimals: 1,
+    },
+    Test {
+        code: "ALB",
+        unit: "g/dL",
+        low: 20,
+        high: 55,
+        reference: Some(("3.5", "5.0")),
+        decimals: 1,
+    },
+    Test {
+        code: "LDH",
+        unit: "U/L",
+        low: 1000,
+        high: 9000,
+        reference: Some(("140", "280")),
+        decimals: 0,
+    },
+    Test {
+        code: "FERRITIN",
+        unit: "ng/mL",
+        low: 100,
+        high: 40000,
+        reference: None,
+        decimals: 0,
+    },
+    Test {
+        code: "CMVPCR",
+        unit: "IU/mL",
+        low: 350,
+        high: 500000,
+        reference: None,
+        decimals: 0,
+    },
 ];
 
 struct Patient {
@@ -178,7 +262,10 @@ fn lab(rng: &mut Rng, n: usize, mrns: &[String]) -> Lab {
     let collected = start
         + Duration::days(rng.below(366) as i64)
         + Duration::minutes((6 * 60 + rng.below(15 * 60)) as i64);
-    let mut value = scaled(test.low + rng.below((test.high - test.low) as u64) as i64, test.decimals);
+    let mut value = scaled(
+        test.low + rng.below((test.high - test.low) as u64) as i64,
+        test.decimals,
+    );
     let mut comparator = None;
     if test.code == "CMVPCR" && rng.below(2) == 0 {
         // Below the limit of quantitation: reported as "< 35".
@@ -221,7 +308,9 @@ fn labs(rng: &mut Rng, patients: &[Patient]) -> Vec<Lab> {
 }
 
 fn excel_datetime(dt: &NaiveDateTime) -> Result<ExcelDateTime> {
-    Ok(ExcelDateTime::parse_from_str(&dt.format("%Y-%m-%d %H:%M:%S").to_string())?)
+    Ok(ExcelDateTime::parse_from_str(
+        &dt.format("%Y-%m-%d %H:%M:%S").to_string(),
+    )?)
 }
 
 fn write_workbook(path: &Path, patients: &[Patient], labs: &[Lab]) -> Result<()> {
@@ -234,7 +323,16 @@ fn write_workbook(path: &Path, patients: &[Patient], labs: &[Lab]) -> Result<()>
     let date = Format::new().set_num_format("yyyy-mm-dd");
     let datetime = Format::new().set_num_format("yyyy-mm-dd hh:mm");
     let sheet = workbook.add_worksheet().set_name("Patients")?;
-    let headers = ["mrn", "first_name", "last_name", "birth_date", "sex", "race", "ethnicity", "ssn"];
+    let headers = [
+        "mrn",
+        "first_name",
+        "last_name",
+        "birth_date",
+        "sex",
+        "race",
+        "ethnicity",
+        "ssn",
+    ];
     for (c, h) in headers.iter().enumerate() {
         sheet.write_string(0, c as u16, *h)?;
     }
@@ -303,7 +401,15 @@ fn write_workbook(path: &Path, patients: &[Patient], labs: &[Lab]) -> Result<()>
 }
 
 const LAB_HEADERS: [&str; 9] = [
-    "lab_id", "mrn", "test_code", "value", "unit", "collected_at", "ref_low", "ref_high", "comparator",
+    "lab_id",
+    "mrn",
+    "test_code",
+    "value",
+    "unit",
+    "collected_at",
+    "ref_low",
+    "ref_high",
+    "comparator",
 ];
 
 fn collected_text(c: &Collected) -> String {
@@ -374,7 +480,11 @@ fn write_parquet(path: &Path, labs: &[Lab]) -> Result<()> {
 fn write_big_csv(rows: usize, path: &Path) -> Result<()> {
     let mut rng = Rng(SEED);
     let pats = patients(&mut rng);
-    let mrns: Vec<String> = pats.iter().map(|p| p.mrn.clone()).filter(|m| !m.is_empty()).collect();
+    let mrns: Vec<String> = pats
+        .iter()
+        .map(|p| p.mrn.clone())
+        .filter(|m| !m.is_empty())
+        .collect();
     let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     let mut w = csv::Writer::from_writer(file);
     let mut headers = LAB_HEADERS.to_vec();
@@ -417,7 +527,12 @@ fn main() -> Result<()> {
             write_workbook(&dir.join("registry.xlsx"), &patients, &labs)?;
             write_csv(&dir.join("labs.csv"), &labs)?;
             write_parquet(&dir.join("labs.parquet"), &labs)?;
-            println!("wrote {} patients and {} labs to {}", patients.len(), labs.len(), dir.display());
+            println!(
+                "wrote {} patients and {} labs to {}",
+                patients.len(),
+                labs.len(),
+                dir.display()
+            );
             Ok(())
         }
         _ => Err("usage: gen-samples DIR | gen-samples --big-csv ROWS FILE".into()),

@@ -17,12 +17,8 @@ pub struct ValidateArgs {
 
 pub fn run(args: ValidateArgs) -> CommandResult {
     let mut problems = Problems::new();
-    match PipelineConfig::load(&args.config) {
-        Err(errors) => {
-            for e in &errors {
-                problems.push(args.config.display().to_string(), e);
-            }
-        }
+    match PipelineConfig::load_unchecked(&args.config) {
+        Err(e) => problems.push_error(&e),
         Ok(config) => check(&config, &mut problems),
     }
     if problems.is_empty() {
@@ -43,6 +39,9 @@ pub fn run(args: ValidateArgs) -> CommandResult {
 
 /// Every check that needs the parsed config. Pure: reads files, never the network.
 pub fn check(config: &PipelineConfig, problems: &mut Problems) {
+    for e in config.problems() {
+        problems.push_error(&e);
+    }
     crate::source::check_sources(config, problems);
     for mapping in &config.mappings {
         if !mapping.is_file() {

@@ -11,15 +11,18 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
     /// What the problem is about, as the user would look for it: `sources.labs`,
-    /// `mappings/labs.toml`, `samples/pipeline.toml:12:3`.
-    pub scope: String,
+    /// `mappings/labs.toml`. Absent when the message names it already.
+    pub scope: Option<String>,
     /// The whole message, including the error's source chain.
     pub message: String,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.scope, self.message)
+        match &self.scope {
+            Some(scope) => write!(f, "{scope}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
     }
 }
 
@@ -37,7 +40,15 @@ impl Problems {
     /// Records a problem; the error is printed with its whole source chain.
     pub fn push(&mut self, scope: impl Into<String>, error: &(dyn std::error::Error + 'static)) {
         self.list.push(Problem {
-            scope: scope.into(),
+            scope: Some(scope.into()),
+            message: crate::cli::error_chain(error),
+        });
+    }
+
+    /// Records an error that names its own place (a config error carries its file and line).
+    pub fn push_error(&mut self, error: &(dyn std::error::Error + 'static)) {
+        self.list.push(Problem {
+            scope: None,
             message: crate::cli::error_chain(error),
         });
     }
@@ -45,7 +56,7 @@ impl Problems {
     /// Records a problem given as plain text.
     pub fn push_message(&mut self, scope: impl Into<String>, message: impl Into<String>) {
         self.list.push(Problem {
-            scope: scope.into(),
+            scope: Some(scope.into()),
             message: message.into(),
         });
     }

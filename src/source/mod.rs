@@ -436,12 +436,26 @@ pub fn open(
 }
 
 /// Opens every source of a pipeline (reading headers only) and records each one that cannot be
-/// opened or lacks a declared column. Touches no network and writes nothing.
+/// opened or lacks a declared column. Touches no network and writes nothing. A source whose
+/// options the config check already faulted is not opened, so one mistake is reported once.
 pub fn check_sources(
     config: &crate::config::PipelineConfig,
     problems: &mut crate::config::Problems,
 ) {
+    let faulted: Vec<String> = config
+        .problems()
+        .into_iter()
+        .filter_map(|e| match e {
+            crate::config::ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        })
+        .collect();
+    let defaults_faulted = faulted.iter().any(|k| k.starts_with("defaults."));
     for (name, cfg) in &config.sources {
+        let prefix = format!("sources.{name}.");
+        if defaults_faulted || faulted.iter().any(|k| k.starts_with(&prefix)) {
+            continue;
+        }
         if let Err(e) = open(name, cfg, &config.defaults) {
             problems.push(format!("sources.{name}"), &e);
         }
