@@ -137,7 +137,8 @@ pub struct SourceConfig {
     pub format: Option<SourceFormat>,
     #[serde(default)]
     pub sheet: Option<SheetRef>,
-    /// 1-based row (spreadsheet) or line (CSV) holding the header. Default 1.
+    /// 1-based row (spreadsheet) or line (CSV) holding the header. Default: line 1 of a CSV, the
+    /// first non-empty row of a sheet.
     #[serde(default)]
     pub header_row: Option<u64>,
     /// CSV delimiter: one character, or `tab`. Detected when absent.

@@ -508,3 +508,73 @@ pub(crate) fn build_header(
     }
     Ok(Header::new(names))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        send::<SourceReader>();
+        send::<Row>();
+        send::<ReadError>();
+    }
+
+    #[test]
+    fn configured_null_tokens_and_zone_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.csv");
+        std::fs::write(
+            &path,
+            "a,when\n-,2024-03-10 02:30:00\nNA,2024-03-10 03:30:00\n",
+        )
+        .expect("write");
+        let mut cfg = SourceConfig::for_path(&path);
+        cfg.null_tokens = Some(vec!["-".into()]);
+        cfg.columns.insert(
+            "when".into(),
+            crate::config::ColumnSpec {
+                kind: ColumnType::Datetime,
+                formats: vec![],
+            },
+        );
+        let defaults = Defaults {
+            timezone: Some("America/New_York".into()),
+            null_tokens: None,
+        };
+        let rows: Vec<Row> = open("t", &cfg, &defaults)
+            .expect("open")
+            .map(|r| r.expect("row"))
+            .collect();
+        assert_eq!(rows[0].values[0], Value::Null);
+        // Only the configured tokens count: "NA" is text here.
+        assert_eq!(rows[1].values[0], Value::Text("NA".into()));
+        // 02:30 on 10 March 2024 was skipped in New York.
+        assert_eq!(rows[0].errors.len(), 1);
+        assert_eq!(rows[0].errors[0].location.to_string(), "t.csv:2:when");
+        assert!(rows[1].errors.is_empty());
+    }
+
+    #[test]
+    fn missing_declared_columns_are_listed_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "a,b\n1,2\n").expect("write");
+        let mut cfg = SourceConfig::for_path(&path);
+        for c in ["x", "y"] {
+            cfg.columns.insert(
+                c.into(),
+                crate::config::ColumnSpec {
+                    kind: ColumnType::String,
+                    formats: vec![],
+                },
+            );
+        }
+        let err = open("t", &cfg, &Defaults::default()).expect_err("missing columns");
+        assert_eq!(
+            err.to_string(),
+            "t.csv: declared column(s) \"x\", \"y\" not in the header (columns: \"a\", \"b\")"
+        );
+    }
+}
