@@ -68,9 +68,21 @@ impl Sources for Generated {
                 Value::Decimal(value),
                 Value::Text(unit.to_string()),
                 Value::DateTime(at),
-                if cmv { Value::Null } else { Value::Decimal(Decimal::new(40, 1)) },
-                if cmv { Value::Null } else { Value::Decimal(Decimal::new(160, 1)) },
-                if cmv { Value::Text("<".into()) } else { Value::Null },
+                if cmv {
+                    Value::Null
+                } else {
+                    Value::Decimal(Decimal::new(40, 1))
+                },
+                if cmv {
+                    Value::Null
+                } else {
+                    Value::Decimal(Decimal::new(160, 1))
+                },
+                if cmv {
+                    Value::Text("<".into())
+                } else {
+                    Value::Null
+                },
             ];
             let raw = values.iter().map(|v| v.to_string()).collect();
             Ok(SourceItem::Row(Row {
@@ -149,7 +161,10 @@ fn one_case(rows: u64, jobs: usize) -> Result<(), Box<dyn std::error::Error>> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `cargo bench` passes `--bench`; ignore flags.
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     if let [rows, jobs] = args.as_slice() {
         return one_case(rows.parse()?, jobs.parse()?);
     }
