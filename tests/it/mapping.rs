@@ -566,3 +566,71 @@ fn validate_names_a_template_column_missing_from_the_source() {
         "{stderr}"
     );
 }
+
+/// The fenced block of `lang` that follows `after` in templates/README.md.
+fn guide_block(after: &str, lang: &str) -> String {
+    let guide = read(&repo().join("templates/README.md"));
+    let start = guide.find(after).expect("section in the guide");
+    let rest = &guide[start..];
+    let open = format!("```{lang}\n");
+    let body = &rest[rest.find(&open).expect("code block") + open.len()..];
+    let body = &body[..body.find("```").expect("closing fence")];
+    // Blocks inside a numbered list are indented by three spaces.
+    body.lines()
+        .map(|l| l.strip_prefix("   ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_guides_walk_through_works_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mdir = dir.path().join("mappings");
+    std::fs::create_dir_all(mdir.join("lookups")).expect("mkdir");
+    for t in ["lab_codes.csv", "units.csv", "result_codes.csv"] {
+        std::fs::copy(
+            repo().join("mappings/lookups").join(t),
+            mdir.join("lookups").join(t),
+        )
+        .expect("copy lookup");
+    }
+    std::fs::write(
+        mdir.join("results.toml"),
+        guide_block("3. **Write the mapping**", "toml"),
+    )
+    .expect("mapping");
+    std::fs::create_dir_all(dir.path().join("templates/mine")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("templates/mine/result.json.j2"),
+        guide_block("4. **Write the template**", "jinja"),
+    )
+    .expect("template");
+    std::fs::write(
+        dir.path().join("transplant_labs.csv"),
+        "Patient ID,Accession,Test,Result,Units,Drawn\n00042,X-1,HGB,13.40,g/dL,03/01/2024 08:30\n00042,X-2,NOPE,1,g/dL,03/01/2024 08:30\n",
+    )
+    .expect("data");
+    let source = guide_block("2. **Declare the source**", "toml")
+        .replace("transplant_labs.xlsx", "transplant_labs.csv")
+        .replace("sheet = \"Results\"\n", "");
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!("mappings = [\"mappings/results.toml\"]\n[center]\nccn = \"12001\"\n{source}\n"),
+    )
+    .expect("config");
+    let out = dir.path().join("out");
+    let o = dry_run(&config, &out, "1");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let obs: serde_json::Value =
+        serde_json::from_str(read(&out.join("Observation.ndjson")).trim()).expect("one resource");
+    assert_eq!(obs["effectiveDateTime"], "2024-03-01T08:30:00-05:00");
+    assert_eq!(obs["valueQuantity"]["value"].to_string(), "13.40");
+    assert_eq!(obs["identifier"][0]["value"], "X-1");
+    assert!(read(&out.join("rejects.csv")).contains("no entry for code \"\"NOPE\"\""));
+}
