@@ -1033,7 +1033,8 @@ fn check_complex(ctx: &mut Ctx, v: &Value, c: &Complex) {
 
 fn check_object(ctx: &mut Ctx, obj: &Map<String, Value>, c: &Complex) {
     let is_resource = matches!(c.base, Base::Resource | Base::Domain);
-    if obj.is_empty() || (is_resource && obj.len() == 1 && obj.contains_key("resourceType")) {
+    // ele-1 (an element has a value or children); a resource with only its type is valid R4.
+    if obj.is_empty() {
         ctx.error("must not be an empty object");
         return;
     }
