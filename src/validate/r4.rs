@@ -1215,10 +1215,10 @@ fn check_json(ctx: &mut Ctx, v: &Value) {
 fn rule_ext_1(obj: &Map<String, Value>, ctx: &mut Ctx) {
     let has_value = obj.keys().any(|k| k.starts_with("value"));
     let has_ext = obj.contains_key("extension");
-    if has_value == has_ext {
-        ctx.error(
-            "an extension must have either a value[x] or nested extensions, not both (ext-1)",
-        );
+    if has_value && has_ext {
+        ctx.error("an extension has a value[x] or nested extensions, not both (ext-1)");
+    } else if !has_value && !has_ext {
+        ctx.error("an extension needs a value[x] or nested extensions (ext-1)");
     }
 }
 
