@@ -25,11 +25,11 @@ pub(super) const MAX_BUNDLE_ENTRIES: usize = 50;
 /// Vital signs the IG FAQ allows with `valueQuantity` only (body height, body weight).
 const QUANTITY_ONLY: &[&str] = &["8302-2", "29463-7"];
 
-/// CMV codes outside the priority list that also need a reference range when sent as a quantity:
-/// viral loads in other specimens that centers commonly report.
-/// 5000-5: CMV DNA [#/volume] in Specimen; 33006-8: CMV DNA [#/volume] in Blood;
-/// 97808-0: CMV DNA [Log #/volume] in Blood; 33005-0: CMV DNA [Log #/volume] in Specimen.
-const EXTRA_CMV_LOINC: &[&str] = &["5000-5", "33006-8", "97808-0", "33005-0"];
+/// CMV codes outside the priority list that also need a reference range when sent as a
+/// quantity, each checked against its LOINC entry: 5000-5 (Cytomegalovirus DNA in Specimen by NAA,
+/// a common lab order code), 54163-1 (Cytomegalovirus DNA [#/volume] in Urine, detection limit
+/// 200 copies/mL), 101816-7 (Cytomegalovirus DNA [Units/volume] (viral load) in Urine by NAA).
+const EXTRA_CMV_LOINC: &[&str] = &["5000-5", "54163-1", "101816-7"];
 
 struct PriorityList {
     codes: Arc<HashSet<String>>,
