@@ -280,8 +280,8 @@ pub fn serial_cell(serial: f64, is_1904: bool) -> RawCell {
     };
     let dt = base
         .map(|b| b.and_time(NaiveTime::MIN))
-        .and_then(|b| b.checked_add_signed(Duration::days(days as i64)))
-        .and_then(|b| b.checked_add_signed(Duration::milliseconds(millis)));
+        .and_then(|b| b.checked_add_signed(Duration::try_days(days as i64)?))
+        .and_then(|b| b.checked_add_signed(Duration::try_milliseconds(millis)?));
     match dt {
         Some(dt) if dt.time() == NaiveTime::MIN => RawCell::Date(dt.date()),
         Some(dt) => RawCell::DateTime(dt),
@@ -339,6 +339,16 @@ mod tests {
     fn serials_in_the_1904_system() {
         assert_eq!(serial_cell(0.0, true), date(1904, 1, 1));
         assert_eq!(serial_cell(43890.0, true), date(2024, 3, 1));
+    }
+
+    #[test]
+    fn absurd_serials_are_cell_errors_not_panics() {
+        for serial in [1e300, f64::MAX, f64::INFINITY, f64::NAN, -1.0] {
+            assert!(
+                matches!(serial_cell(serial, false), RawCell::Invalid(..)),
+                "{serial}"
+            );
+        }
     }
 
     #[test]
