@@ -248,11 +248,29 @@ impl RunState<'_> {
         tracing::info!(mapping = %spec.name, source = %spec.source, "Mapping started");
         let mut stream = sources.open(&spec.source).map_err(source_err)?;
         let mut current = read_batch(&mut stream, batch_size).map_err(source_err)?;
-        while !current.is_empty() {
-            // Read the next batch while this one renders; results come back in row order.
-            let (next, results) = pool.install(|| {
+        // Three things overlap: the previous batch goes to the sink (in order, on one thread),
+        // this batch renders on the pool, and the next batch is read.
+        let mut rendered: Option<(Batch, Vec<Result<MappedRow, RowError>>)> = None;
+        while !current.is_empty() || rendered.is_some() {
+            let ((handled, next), results) = pool.install(|| {
                 rayon::join(
-                    || read_batch(&mut stream, batch_size),
+                    || {
+                        rayon::join(
+                            || match rendered.take() {
+                                Some((items, results)) => {
+                                    self.handle(counter, spec, items, results)
+                                }
+                                None => Ok(()),
+                            },
+                            || {
+                                if current.is_empty() {
+                                    Ok(Vec::new())
+                                } else {
+                                    read_batch(&mut stream, batch_size)
+                                }
+                            },
+                        )
+                    },
                     || {
                         current
                             .par_iter()
@@ -267,8 +285,11 @@ impl RunState<'_> {
                     },
                 )
             });
+            handled?;
             self.progress.inc(current.len() as u64);
-            self.handle(counter, spec, std::mem::take(&mut current), results)?;
+            if !current.is_empty() {
+                rendered = Some((std::mem::take(&mut current), results));
+            }
             current = next.map_err(source_err)?;
         }
         Ok(())
