@@ -156,7 +156,7 @@ pub enum RowError {
     Template {
         location: RowLocation,
         mapping: String,
-        failure: TemplateFailure,
+        failure: Box<TemplateFailure>,
     },
     /// The template's output is not JSON.
     Json {
@@ -175,13 +175,15 @@ pub enum RowError {
         location: RowLocation,
         column: String,
         key: String,
+        /// Where the patient's own row was rejected, when it was.
+        rejected_at: Option<Box<RowLocation>>,
     },
     /// A second row with the same patient key.
     DuplicatePatient {
         location: RowLocation,
         column: String,
         key: String,
-        first: RowLocation,
+        first: Box<RowLocation>,
     },
     /// The sink refused the resource (e.g. the target's OperationOutcome).
     Sink {
@@ -240,7 +242,10 @@ impl RowError {
             RowError::Template { .. } => "template",
             RowError::Json { .. } => "json",
             RowError::Invalid { .. } => "invalid_resource",
-            RowError::UnknownPatient { .. } => "unknown_patient",
+            RowError::UnknownPatient {
+                rejected_at: None, ..
+            } => "unknown_patient",
+            RowError::UnknownPatient { .. } => "patient_rejected",
             RowError::DuplicatePatient { .. } => "duplicate_patient",
             RowError::Sink { .. } => "sink",
         }
@@ -288,8 +293,22 @@ impl RowError {
                     .collect();
                 format!("invalid {resource_type}: {}", errors.join("; "))
             }
-            RowError::UnknownPatient { column, key, .. } => format!(
+            RowError::UnknownPatient {
+                column,
+                key,
+                rejected_at: None,
+                ..
+            } => format!(
                 "{}patient {key:?} is not among the patients mapped in this run",
+                col(column)
+            ),
+            RowError::UnknownPatient {
+                column,
+                key,
+                rejected_at: Some(at),
+                ..
+            } => format!(
+                "{}patient {key:?} was rejected at {at}, so its resources cannot be sent",
                 col(column)
             ),
             RowError::DuplicatePatient {

@@ -94,7 +94,12 @@ impl MappingSet {
         let mut specs = Vec::new();
         for path in &config.mappings {
             match MappingSpec::load(path) {
-                Ok(s) => specs.push(s),
+                Ok(mut s) => {
+                    // A center's identifiers must not collide with another center's on the
+                    // shared service: systems may name the CCN.
+                    s.identifier_system = s.identifier_system.replace("{ccn}", &config.center.ccn);
+                    specs.push(s)
+                }
                 Err(mut e) => problems.append(&mut e),
             }
         }
@@ -152,8 +157,10 @@ impl MappingSet {
                 ("template", Some(&s.template)),
                 ("crid_template", s.crid_template.as_ref()),
             ] {
-                if let Some(name) = name {
-                    if !loaded.contains_key(name.as_str()) {
+                if let Some(name) = name
+                    && !loaded.contains_key(name.as_str())
+                {
+                    {
                         problems.push(MappingError::Invalid {
                             path: s.file.clone(),
                             key: key.into(),
@@ -223,6 +230,72 @@ impl MappingSet {
 
     pub fn rules(&self) -> &CibmtrRules {
         &self.rules
+    }
+
+    /// Every source column mapping `index` names: in its file (keys, CRID column, wide columns)
+    /// and as `row.<column>` in its templates. Sorted, with where each is named.
+    pub fn columns_used(&self, index: usize) -> Vec<(String, String)> {
+        let m = &self.mappings[index];
+        let mut out: Vec<(String, String)> = m
+            .spec
+            .named_columns()
+            .into_iter()
+            .map(|(k, c)| (c.to_string(), k.to_string()))
+            .collect();
+        for t in std::iter::once(&m.spec.template).chain(m.spec.crid_template.as_ref()) {
+            if let Ok(tmpl) = self.env.get_template(t) {
+                for var in tmpl.undeclared_variables(true) {
+                    if let Some(col) = var.strip_prefix("row.") {
+                        out.push((col.to_string(), format!("template {t}")));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    /// Opens each mapping's source (header only) and checks that every column it names exists.
+    /// For `fhirlift validate`; reads no data row.
+    pub fn check_columns(&self, config: &PipelineConfig) -> Vec<MappingError> {
+        let mut problems = Vec::new();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let Some(cfg) = config.sources.get(&m.spec.source) else {
+                continue;
+            };
+            let reader = match crate::source::open(&m.spec.source, cfg, &config.defaults) {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push(MappingError::Invalid {
+                        path: m.spec.file.clone(),
+                        key: "source".into(),
+                        message: format!("cannot open source {:?}: {e}", m.spec.source),
+                    });
+                    continue;
+                }
+            };
+            let header = reader.header().clone();
+            for (column, place) in self.columns_used(i) {
+                if header.index_of(&column).is_none() {
+                    problems.push(MappingError::Invalid {
+                        path: m.spec.file.clone(),
+                        key: place,
+                        message: format!(
+                            "column {column:?} is not in source {:?} (columns: {})",
+                            m.spec.source,
+                            header
+                                .columns
+                                .iter()
+                                .map(|c| c.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        problems
     }
 
     /// The template context a row gets (without `item`), for `render` to show.
@@ -501,7 +574,7 @@ impl MappingSet {
         RowError::Template {
             location: row.location.clone(),
             mapping: m.spec.name.clone(),
-            failure: TemplateFailure::from_minijinja(err),
+            failure: Box::new(TemplateFailure::from_minijinja(err)),
         }
     }
 
@@ -684,7 +757,6 @@ fn add_templates(
         }
         loaded.insert(name.clone(), file.clone());
         texts.insert(name, text);
-        let _ = &file;
     }
     for (name, text) in texts {
         let path = loaded.get(&name).cloned().unwrap_or_default();
