@@ -149,25 +149,32 @@ impl Drop for RunLock {
     }
 }
 
-/// Who holds the lock of `state_dir` right now, if anyone (for `status`). Never blocks.
+/// Who holds the lock of `state_dir` right now, if anyone (for `status`). Never takes the lock,
+/// not even briefly, so it can never make a starting run fail: it reads the holder's text and, for
+/// a holder on this host, checks that its process is still alive.
 pub fn current_holder(state_dir: &Path) -> Result<Option<LockHolder>, LockError> {
     let path = state_dir.join(LOCK_FILE);
-    let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+    let mut file = match OpenOptions::new().read(true).open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(LockError::Io { path, source }),
     };
-    match file.try_lock_shared() {
-        Ok(()) => {
-            let _ = file.unlock();
-            Ok(None)
-        }
-        Err(TryLockError::WouldBlock) => Ok(Some(read_holder(&mut file).unwrap_or(LockHolder {
-            pid: 0,
-            started_at: DateTime::<Utc>::UNIX_EPOCH,
-            host: "unknown".into(),
-        }))),
-        Err(TryLockError::Error(source)) => Err(LockError::Io { path, source }),
+    Ok(read_holder(&mut file).filter(|h| h.host != hostname() || pid_alive(h.pid)))
+}
+
+/// `true` unless the process is known to be gone. Without `/proc` it cannot tell and says alive.
+pub fn pid_alive(pid: u32) -> bool {
+    let proc_root = Path::new("/proc");
+    if !proc_root.join("self").exists() {
+        return true;
+    }
+    // A zombie (ended, not yet reaped by its parent) holds no lock any more.
+    match std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 
@@ -217,6 +224,8 @@ mod tests {
         );
         drop(first);
         assert!(current_holder(dir.path()).unwrap().is_none());
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(u32::MAX - 1));
         let again = RunLock::acquire(dir.path()).unwrap();
         assert!(again.took_over().is_none(), "a released lock is not stale");
     }

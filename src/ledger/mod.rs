@@ -39,12 +39,15 @@ pub mod hash;
 pub mod lock;
 pub mod report;
 mod schema;
+pub mod session;
+mod sink;
 pub mod stop;
 
 pub use hash::{canonical_hash, content_hash, demographics_hash};
 pub use lock::{LockError, LockHolder, RunLock};
 pub use report::RunReport;
-pub use stop::StopSignal;
+pub use session::{Finished, RunEnd, RunSession, SessionError, SessionOptions};
+pub use stop::{RejectGuard, StopReason, StopSignal};
 
 /// The ledger's file name inside the state directory.
 pub const LEDGER_FILE: &str = "ledger.sqlite";
@@ -149,12 +152,28 @@ pub struct RecordRef {
 }
 
 impl RecordRef {
+    /// The ledger's address of a mapped resource: its resource type and [`record_key`]. Every
+    /// user of the ledger must key records this way.
+    pub fn of(resource: &crate::resource::MappedResource) -> RecordRef {
+        RecordRef {
+            resource_type: resource.resource_type.clone(),
+            record_key: record_key(&resource.identifier),
+        }
+    }
+
     pub fn new(resource_type: impl Into<String>, record_key: impl Into<String>) -> RecordRef {
         RecordRef {
             resource_type: resource_type.into(),
             record_key: record_key.into(),
         }
     }
+}
+
+/// The record key of a business identifier: its value. Stable across runs (the mapping derives it
+/// from the source's keys) and unique per resource type within a run (the loader rejects a second
+/// resource with the same identifier).
+pub fn record_key(identifier: &crate::resource::BusinessIdentifier) -> String {
+    identifier.value.clone()
 }
 
 /// How a run chose what to send.
@@ -336,6 +355,10 @@ pub struct Ledger {
     path: PathBuf,
     /// The run records are stamped with (set by `begin_run`).
     current_run: Mutex<Option<RunId>>,
+    /// `--full`: lookups answer "unknown" so that everything is re-checked against the server.
+    forget: std::sync::atomic::AtomicBool,
+    /// `--max-rejects`: every recorded reject is counted here.
+    reject_guard: Mutex<Option<std::sync::Arc<RejectGuard>>>,
 }
 
 fn now() -> DateTime<Utc> {
@@ -395,7 +418,29 @@ impl Ledger {
             conn: Mutex::new(conn),
             path,
             current_run: Mutex::new(None),
+            forget: std::sync::atomic::AtomicBool::new(false),
+            reject_guard: Mutex::new(None),
         })
+    }
+
+    /// For a `--full` run: [`Ledger::known`] and [`Ledger::known_crid`] answer `None`, so the loader
+    /// asks the CRID service again and searches the server for every record instead of trusting
+    /// the hashes. What the run confirms is still recorded.
+    pub fn set_forget_known(&self, forget: bool) {
+        self.forget
+            .store(forget, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn forgetting(&self) -> bool {
+        self.forget.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Counts every reject recorded from now on against `guard` (`--max-rejects`), so the run
+    /// stops when a broken mapping makes the target refuse everything. `None` detaches it.
+    pub fn set_reject_guard(&self, guard: Option<std::sync::Arc<RejectGuard>>) {
+        if let Ok(mut g) = self.reject_guard.lock() {
+            *g = guard;
+        }
     }
 
     /// The ledger file.
@@ -430,6 +475,9 @@ impl Ledger {
         resource_type: &str,
         record_key: &str,
     ) -> Result<Option<Known>, LedgerError> {
+        if self.forgetting() {
+            return Ok(None);
+        }
         let conn = self.conn()?;
         let mut st = conn
             .prepare_cached(
@@ -447,6 +495,9 @@ impl Ledger {
 
     /// Everything the ledger knows in a scope, in one query (for deciding a whole run up front).
     pub fn known_all(&self, scope: &Scope) -> Result<HashMap<RecordRef, Known>, LedgerError> {
+        if self.forgetting() {
+            return Ok(HashMap::new());
+        }
         let conn = self.conn()?;
         let mut st = conn
             .prepare_cached(
@@ -716,6 +767,9 @@ impl Ledger {
         scope: &Scope,
         patient_key: &str,
     ) -> Result<Option<KnownCrid>, LedgerError> {
+        if self.forgetting() {
+            return Ok(None);
+        }
         let conn = self.conn()?;
         let mut st = conn
             .prepare_cached(
@@ -802,6 +856,12 @@ impl Ledger {
             ts(now())
         ])
         .map_err(self.err("record a reject"))?;
+        drop(st);
+        drop(conn);
+        let guard = self.reject_guard.lock().ok().and_then(|g| g.clone());
+        if let Some(g) = guard {
+            g.note_reject();
+        }
         Ok(())
     }
 

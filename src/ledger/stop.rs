@@ -1,4 +1,4 @@
-//! Graceful stop on SIGINT/SIGTERM: a shared flag the pipeline and the loader check between
+//! Graceful stop on SIGINT/SIGTERM, or when `--max-rejects` is exceeded: a shared flag the pipeline and the loader check between
 //! requests, so requests in flight finish (or are recorded as unknown) and the ledger stays
 //! consistent. A second signal ends the process at once (exit 130); SQLite's journal keeps the
 //! ledger consistent even then.
@@ -6,7 +6,7 @@
 //! Must not: do any work inside the signal handling beyond setting the flag and waking waiters.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
@@ -19,7 +19,36 @@ pub struct StopSignal {
 #[derive(Debug, Default)]
 struct Inner {
     stopped: AtomicBool,
+    /// The first reason given (0: none yet).
+    reason: AtomicU8,
     notify: Notify,
+}
+
+/// Why a run was asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopReason {
+    /// SIGINT or SIGTERM (exit 130).
+    Signal,
+    /// More rejects than `--max-rejects` allows (exit 1).
+    TooManyRejects,
+}
+
+impl StopReason {
+    fn code(self) -> u8 {
+        match self {
+            StopReason::Signal => 1,
+            StopReason::TooManyRejects => 2,
+        }
+    }
+
+    /// What the report and the log say.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopReason::Signal => "interrupted by a signal",
+            StopReason::TooManyRejects => "aborted: more rejects than --max-rejects allows",
+        }
+    }
 }
 
 impl StopSignal {
@@ -59,7 +88,7 @@ impl StopSignal {
                             tracing::warn!(
                                 "Stop requested: finishing requests in flight; signal again to stop at once"
                             );
-                            flag.trigger();
+                            flag.trigger_for(StopReason::Signal);
                         } else {
                             std::process::exit(crate::cli::Outcome::Interrupted as i32);
                         }
@@ -69,10 +98,30 @@ impl StopSignal {
         Ok(signal)
     }
 
-    /// Requests a stop.
+    /// Requests a stop as a signal would.
     pub fn trigger(&self) {
+        self.trigger_for(StopReason::Signal);
+    }
+
+    /// Requests a stop; the first reason given is the one kept.
+    pub fn trigger_for(&self, reason: StopReason) {
+        let _ = self.inner.reason.compare_exchange(
+            0,
+            reason.code(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         self.inner.stopped.store(true, Ordering::SeqCst);
         self.inner.notify.notify_waiters();
+    }
+
+    /// Why the stop was requested, if it was.
+    pub fn reason(&self) -> Option<StopReason> {
+        match self.inner.reason.load(Ordering::SeqCst) {
+            1 => Some(StopReason::Signal),
+            2 => Some(StopReason::TooManyRejects),
+            _ => None,
+        }
     }
 
     /// `true` once a stop was requested.
@@ -92,6 +141,46 @@ impl StopSignal {
     }
 }
 
+/// The `--max-rejects` guard: counts the run's rejects and stops the run once there are more than
+/// allowed, so a broken mapping does not hammer the service with thousands of doomed requests.
+#[derive(Debug)]
+pub struct RejectGuard {
+    max: Option<u64>,
+    seen: AtomicU64,
+    stop: StopSignal,
+}
+
+impl RejectGuard {
+    /// `max`: the number of rejects tolerated (`None`: no limit).
+    pub fn new(max: Option<u64>, stop: StopSignal) -> RejectGuard {
+        RejectGuard {
+            max,
+            seen: AtomicU64::new(0),
+            stop,
+        }
+    }
+
+    /// Counts one reject; returns `true` when this one exceeded the limit (the stop is requested).
+    pub fn note_reject(&self) -> bool {
+        let n = self.seen.fetch_add(1, Ordering::SeqCst) + 1;
+        match self.max {
+            Some(max) if n > max => {
+                if n == max + 1 {
+                    tracing::error!(max, "Too many rejects: stopping the run");
+                }
+                self.stop.trigger_for(StopReason::TooManyRejects);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Rejects counted so far.
+    pub fn count(&self) -> u64 {
+        self.seen.load(Ordering::SeqCst)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
@@ -104,6 +193,24 @@ mod tests {
         assert!(!b.is_stopped());
         a.trigger();
         assert!(b.is_stopped());
+    }
+
+    #[test]
+    fn the_reject_guard_stops_after_the_limit() {
+        let stop = StopSignal::new();
+        let guard = RejectGuard::new(Some(2), stop.clone());
+        assert!(!guard.note_reject());
+        assert!(!guard.note_reject());
+        assert!(!stop.is_stopped());
+        assert!(guard.note_reject());
+        assert_eq!(stop.reason(), Some(StopReason::TooManyRejects));
+        // A later signal does not change the recorded reason.
+        stop.trigger();
+        assert_eq!(stop.reason(), Some(StopReason::TooManyRejects));
+        let unlimited = RejectGuard::new(None, StopSignal::new());
+        for _ in 0..1000 {
+            assert!(!unlimited.note_reject());
+        }
     }
 
     #[tokio::test]
