@@ -248,11 +248,29 @@ impl RunState<'_> {
         tracing::info!(mapping = %spec.name, source = %spec.source, "Mapping started");
         let mut stream = sources.open(&spec.source).map_err(source_err)?;
         let mut current = read_batch(&mut stream, batch_size).map_err(source_err)?;
-        while !current.is_empty() {
-            // Read the next batch while this one renders; results come back in row order.
-            let (next, results) = pool.install(|| {
+        // Three things overlap: the previous batch goes to the sink (in order, on one thread),
+        // this batch renders on the pool, and the next batch is read.
+        let mut rendered: Option<(Batch, Vec<Result<MappedRow, RowError>>)> = None;
+        while !current.is_empty() || rendered.is_some() {
+            let ((handled, next), results) = pool.install(|| {
                 rayon::join(
-                    || read_batch(&mut stream, batch_size),
+                    || {
+                        rayon::join(
+                            || match rendered.take() {
+                                Some((items, results)) => {
+                                    self.handle(counter, spec, items, results)
+                                }
+                                None => Ok(()),
+                            },
+                            || {
+                                if current.is_empty() {
+                                    Ok(Vec::new())
+                                } else {
+                                    read_batch(&mut stream, batch_size)
+                                }
+                            },
+                        )
+                    },
                     || {
                         current
                             .par_iter()
@@ -267,8 +285,11 @@ impl RunState<'_> {
                     },
                 )
             });
+            handled?;
             self.progress.inc(current.len() as u64);
-            self.handle(counter, spec, std::mem::take(&mut current), results)?;
+            if !current.is_empty() {
+                rendered = Some((std::mem::take(&mut current), results));
+            }
             current = next.map_err(source_err)?;
         }
         Ok(())
@@ -433,5 +454,224 @@ impl Sources for ConfigSources<'_> {
             })),
             Err(crate::source::ReadError::Fatal(e)) => Err(Box::new(e) as Box<_>),
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Value;
+
+    /// Rows held in memory, by source name.
+    struct Memory(HashMap<String, Vec<Row>>);
+
+    impl Sources for Memory {
+        fn open(
+            &mut self,
+            source: &str,
+        ) -> Result<RowStream, Box<dyn std::error::Error + Send + Sync>> {
+            let rows = self.0.get(source).cloned().ok_or("no such source")?;
+            Ok(Box::new(rows.into_iter().map(|r| Ok(SourceItem::Row(r)))))
+        }
+    }
+
+    /// Records the order in which resources arrive.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Sink for Recorder {
+        fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError> {
+            let mut log = self.0.lock().map_err(|_| SinkError::Interrupted)?;
+            log.extend(
+                batch
+                    .iter()
+                    .map(|p| format!("Patient {}", p.resource.patient_key)),
+            );
+            Ok(Vec::new())
+        }
+        fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError> {
+            let mut log = self.0.lock().map_err(|_| SinkError::Interrupted)?;
+            log.extend(
+                batch
+                    .iter()
+                    .map(|r| format!("{} {}", r.resource_type, r.identifier.value)),
+            );
+            // The sink refuses one resource: it must reach the report and the rejects file.
+            Ok(batch
+                .iter()
+                .filter(|r| r.identifier.value == "L7")
+                .map(|r| RowOutcome {
+                    location: r.location.clone(),
+                    resource_type: r.resource_type.clone(),
+                    identifier: Some(r.identifier.clone()),
+                    status: OutcomeStatus::Rejected,
+                    server_id: None,
+                    http_status: Some(422),
+                    attempts: 1,
+                    message: Some("refused by the target".into()),
+                })
+                .collect())
+        }
+        fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn rows(file: &str, header: &[&str], data: Vec<Vec<Value>>) -> Vec<Row> {
+        let header = Arc::new(Header::new(header.iter().copied()));
+        data.into_iter()
+            .enumerate()
+            .map(|(i, values)| Row {
+                location: RowLocation {
+                    file: file.into(),
+                    sheet: None,
+                    row: i as u64 + 2,
+                },
+                header: header.clone(),
+                raw: values.iter().map(|v| v.to_string()).collect(),
+                values,
+                errors: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn setup(dir: &std::path::Path) -> (crate::config::PipelineConfig, Memory) {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        // Labs listed first on purpose: patients must still reach the sink first.
+        let text = format!(
+            "mappings = [{:?}, {:?}]\n[center]\nccn = \"12001\"\n[sources.labs]\npath = \"l.csv\"\n[sources.patients]\npath = \"p.csv\"\n",
+            repo.join("mappings/cibmtr-lab.toml").display().to_string(),
+            repo.join("mappings/cibmtr-patient.toml")
+                .display()
+                .to_string(),
+        );
+        let path = dir.join("p.toml");
+        std::fs::write(&path, text).expect("config");
+        let config = crate::config::PipelineConfig::load(&path).expect("config loads");
+        let t = |s: &str| Value::Text(s.to_string());
+        let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 2).expect("date");
+        let patients = rows(
+            "p.csv",
+            &[
+                "mrn",
+                "first_name",
+                "last_name",
+                "birth_date",
+                "sex",
+                "race",
+                "ethnicity",
+                "ssn",
+            ],
+            (0..5)
+                .map(|i| {
+                    vec![
+                        t(&format!("P{i}")),
+                        t("A"),
+                        t("B"),
+                        Value::Date(date),
+                        t("F"),
+                        t("W"),
+                        t("N"),
+                        Value::Null,
+                    ]
+                })
+                .collect(),
+        );
+        let at = date.and_hms_opt(8, 0, 0).expect("time");
+        let labs = rows(
+            "l.csv",
+            &[
+                "lab_id",
+                "mrn",
+                "test_code",
+                "value",
+                "unit",
+                "collected_at",
+                "ref_low",
+                "ref_high",
+                "comparator",
+            ],
+            (0..40)
+                .map(|i| {
+                    vec![
+                        t(&format!("L{i}")),
+                        t(&format!("P{}", i % 6)),
+                        t("HGB"),
+                        Value::Integer(12),
+                        t("g/dL"),
+                        Value::DateTime(at),
+                        Value::Null,
+                        Value::Null,
+                        Value::Null,
+                    ]
+                })
+                .collect(),
+        );
+        let sources = Memory(HashMap::from([
+            ("patients".to_string(), patients),
+            ("labs".to_string(), labs),
+        ]));
+        (config, sources)
+    }
+
+    fn run_with(jobs: usize, batch: usize) -> (Vec<String>, RunReport, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, mut sources) = setup(dir.path());
+        let set = MappingSet::load(&config).expect("mappings load");
+        let recorder = Recorder::default();
+        let opts = RunOptions {
+            jobs,
+            batch_size: batch,
+            report_dir: dir.path().join("out"),
+            config_sha256: "x".into(),
+            dry_run: true,
+            progress: false,
+        };
+        let report = run(&set, &mut sources, Box::new(recorder.clone()), &opts).expect("run");
+        let rejects = std::fs::read_to_string(dir.path().join("out/rejects.csv")).expect("rejects");
+        let log = recorder.0.lock().map(|l| l.clone()).unwrap_or_default();
+        (log, report, rejects)
+    }
+
+    #[test]
+    fn patients_come_first_and_order_does_not_depend_on_threads_or_batches() {
+        let (log, report, rejects) = run_with(1, 7);
+        assert_eq!(
+            log[..5],
+            [
+                "Patient P0",
+                "Patient P1",
+                "Patient P2",
+                "Patient P3",
+                "Patient P4"
+            ]
+        );
+        assert_eq!(log[5], "Observation L0");
+        // Labs of P5 (every sixth) name no patient.
+        assert_eq!(report.rows_rejected, 6);
+        assert_eq!(report.rejects_by_kind["unknown_patient"], 6);
+        assert_eq!(log.len(), 5 + 34);
+        assert_eq!(report.sink_rejected, 1);
+        assert!(
+            rejects.contains("l.csv:9,,,Observation refused: refused by the target"),
+            "{rejects}"
+        );
+        for (jobs, batch) in [(2, 7), (4, 7), (2, 1), (4, 2048)] {
+            let (other, r, rej) = run_with(jobs, batch);
+            assert_eq!(other, log, "jobs {jobs} batch {batch}");
+            assert_eq!(r.rows_rejected, report.rows_rejected);
+            if batch == 7 {
+                assert_eq!(rej, rejects, "jobs {jobs}");
+            } else {
+                // A sink's refusals are recorded after the mapping rejects of their batch, so
+                // only the batch size moves them.
+                let sorted = |s: &str| {
+                    let mut l: Vec<String> = s.lines().map(str::to_string).collect();
+                    l.sort();
+                    l
+                };
+                assert_eq!(sorted(&rej), sorted(&rejects), "batch {batch}");
+            }
+        }
     }
 }

@@ -242,7 +242,10 @@ impl RowError {
             RowError::Template { .. } => "template",
             RowError::Json { .. } => "json",
             RowError::Invalid { .. } => "invalid_resource",
-            RowError::UnknownPatient { .. } => "unknown_patient",
+            RowError::UnknownPatient {
+                rejected_at: None, ..
+            } => "unknown_patient",
+            RowError::UnknownPatient { .. } => "patient_rejected",
             RowError::DuplicatePatient { .. } => "duplicate_patient",
             RowError::Sink { .. } => "sink",
         }

@@ -757,7 +757,6 @@ fn add_templates(
         }
         loaded.insert(name.clone(), file.clone());
         texts.insert(name, text);
-        let _ = &file;
     }
     for (name, text) in texts {
         let path = loaded.get(&name).cloned().unwrap_or_default();

@@ -216,6 +216,14 @@ impl RunReport {
             "{} rows read, {} rejected",
             self.rows_read, self.rows_rejected
         );
+        if !self.rejects_by_kind.is_empty() {
+            let parts: Vec<String> = self
+                .rejects_by_kind
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(s, "rejected rows by reason: {}", parts.join(", "));
+        }
         for m in &self.mappings {
             let _ = writeln!(
                 s,

@@ -37,6 +37,8 @@ pub(crate) struct ExcelRows {
     width: usize,
     file: Arc<str>,
     sheet: Arc<str>,
+    /// OpenDocument error results reach us as plain text (see [`ods_error`]).
+    ods: bool,
 }
 
 impl ExcelRows {
@@ -148,6 +150,7 @@ impl ExcelRows {
             range,
             file: opts.file.clone(),
             sheet: sheet.clone(),
+            ods: format == SourceFormat::Ods,
         };
         Ok((header, sheet, rows))
     }
@@ -169,7 +172,14 @@ impl ExcelRows {
                 continue;
             }
             let beyond = self.first_col + self.width as u32;
-            let cells: Vec<RawCell> = (self.first_col..beyond).map(|c| cell(get(c))).collect();
+            let cells: Vec<RawCell> = (self.first_col..beyond)
+                .map(|c| match get(c) {
+                    Some(Data::String(s)) if self.ods && ods_error(s) => {
+                        RawCell::Invalid(s.clone(), CellErrorKind::Spreadsheet(s.clone()))
+                    }
+                    d => cell(d),
+                })
+                .collect();
             if let Some(c) = (beyond..=self.last_col).find(|&c| !is_blank(get(c))) {
                 let raw = cells.iter().map(super::schema::raw_text).collect();
                 return Some(Err(ReadError::Row(RowError {
@@ -187,6 +197,15 @@ impl ExcelRows {
         }
         None
     }
+}
+
+/// calamine reads an OpenDocument formula's error result (`#N/A`) as the text it displays, so in
+/// .ods files a cell whose whole text is an error code is taken for the error it shows.
+fn ods_error(s: &str) -> bool {
+    matches!(
+        s,
+        "#N/A" | "#DIV/0!" | "#VALUE!" | "#REF!" | "#NAME?" | "#NUM!" | "#NULL!"
+    )
 }
 
 fn is_blank(d: Option<&Data>) -> bool {
@@ -253,7 +272,7 @@ pub fn serial_cell(serial: f64, is_1904: bool) -> RawCell {
         // Serial 60 is Excel's 29 February 1900 (1900 was not a leap year).
         return invalid_date(
             "1900-02-29".into(),
-            "1900-02-29 does not exist (spreadsheet 1900 leap-year bug)",
+            "1900-02-29 does not exist; spreadsheets count it by an old leap-year bug",
         );
     } else {
         // From serial 61 on, the phantom leap day shifts the epoch back one day.
@@ -261,8 +280,8 @@ pub fn serial_cell(serial: f64, is_1904: bool) -> RawCell {
     };
     let dt = base
         .map(|b| b.and_time(NaiveTime::MIN))
-        .and_then(|b| b.checked_add_signed(Duration::days(days as i64)))
-        .and_then(|b| b.checked_add_signed(Duration::milliseconds(millis)));
+        .and_then(|b| b.checked_add_signed(Duration::try_days(days as i64)?))
+        .and_then(|b| b.checked_add_signed(Duration::try_milliseconds(millis)?));
     match dt {
         Some(dt) if dt.time() == NaiveTime::MIN => RawCell::Date(dt.date()),
         Some(dt) => RawCell::DateTime(dt),
@@ -320,6 +339,16 @@ mod tests {
     fn serials_in_the_1904_system() {
         assert_eq!(serial_cell(0.0, true), date(1904, 1, 1));
         assert_eq!(serial_cell(43890.0, true), date(2024, 3, 1));
+    }
+
+    #[test]
+    fn absurd_serials_are_cell_errors_not_panics() {
+        for serial in [1e300, f64::MAX, f64::INFINITY, f64::NAN, -1.0] {
+            assert!(
+                matches!(serial_cell(serial, false), RawCell::Invalid(..)),
+                "{serial}"
+            );
+        }
     }
 
     #[test]

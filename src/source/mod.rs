@@ -435,6 +435,33 @@ pub fn open(
     })
 }
 
+/// Opens every source of a pipeline (reading headers only) and records each one that cannot be
+/// opened or lacks a declared column. Touches no network and writes nothing. A source whose
+/// options the config check already faulted is not opened, so one mistake is reported once.
+pub fn check_sources(
+    config: &crate::config::PipelineConfig,
+    problems: &mut crate::config::Problems,
+) {
+    let faulted: Vec<String> = config
+        .problems()
+        .into_iter()
+        .filter_map(|e| match e {
+            crate::config::ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        })
+        .collect();
+    let defaults_faulted = faulted.iter().any(|k| k.starts_with("defaults."));
+    for (name, cfg) in &config.sources {
+        let prefix = format!("sources.{name}.");
+        if defaults_faulted || faulted.iter().any(|k| k.starts_with(&prefix)) {
+            continue;
+        }
+        if let Err(e) = open(name, cfg, &config.defaults) {
+            problems.push(format!("sources.{name}"), &e);
+        }
+    }
+}
+
 /// Opens a file from its path alone (format from the extension, everything else detected or
 /// default), as `inspect` does. `cfg` may carry the flags' overrides.
 pub fn open_path(path: &Path) -> Result<SourceReader, SourceError> {
@@ -480,4 +507,74 @@ pub(crate) fn build_header(
         }
     }
     Ok(Header::new(names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        send::<SourceReader>();
+        send::<Row>();
+        send::<ReadError>();
+    }
+
+    #[test]
+    fn configured_null_tokens_and_zone_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.csv");
+        std::fs::write(
+            &path,
+            "a,when\n-,2024-03-10 02:30:00\nNA,2024-03-10 03:30:00\n",
+        )
+        .expect("write");
+        let mut cfg = SourceConfig::for_path(&path);
+        cfg.null_tokens = Some(vec!["-".into()]);
+        cfg.columns.insert(
+            "when".into(),
+            crate::config::ColumnSpec {
+                kind: ColumnType::Datetime,
+                formats: vec![],
+            },
+        );
+        let defaults = Defaults {
+            timezone: Some("America/New_York".into()),
+            null_tokens: None,
+        };
+        let rows: Vec<Row> = open("t", &cfg, &defaults)
+            .expect("open")
+            .map(|r| r.expect("row"))
+            .collect();
+        assert_eq!(rows[0].values[0], Value::Null);
+        // Only the configured tokens count: "NA" is text here.
+        assert_eq!(rows[1].values[0], Value::Text("NA".into()));
+        // 02:30 on 10 March 2024 was skipped in New York.
+        assert_eq!(rows[0].errors.len(), 1);
+        assert_eq!(rows[0].errors[0].location.to_string(), "t.csv:2:when");
+        assert!(rows[1].errors.is_empty());
+    }
+
+    #[test]
+    fn missing_declared_columns_are_listed_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "a,b\n1,2\n").expect("write");
+        let mut cfg = SourceConfig::for_path(&path);
+        for c in ["x", "y"] {
+            cfg.columns.insert(
+                c.into(),
+                crate::config::ColumnSpec {
+                    kind: ColumnType::String,
+                    formats: vec![],
+                },
+            );
+        }
+        let err = open("t", &cfg, &Defaults::default()).expect_err("missing columns");
+        assert_eq!(
+            err.to_string(),
+            "t.csv: declared column(s) \"x\", \"y\" not in the header (columns: \"a\", \"b\")"
+        );
+    }
 }

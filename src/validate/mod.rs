@@ -2,7 +2,36 @@
 //! mapping stage (and, in the sandbox, for every resource a client sends).
 //!
 //! Issues name the FHIR path (`Observation.valueQuantity.code`) so that a failure can be traced to
-//! the template and the row that produced it.
+//! the template and the row that produced it. Validation never changes a resource, never does I/O
+//! and never puts a checked value into a message.
+//!
+//! ```
+//! use fhirlift::validate::{CibmtrRules, Severity, errors, validate};
+//! use serde_json::json;
+//!
+//! let rules = CibmtrRules::new(
+//!     "12001",
+//!     "http://cibmtr.org/codesystem/transplant-center",
+//!     "http://cibmtr.org/identifier/CRID",
+//! );
+//! let observation = json!({
+//!     "resourceType": "Observation",
+//!     "meta": {"security": [{"system": "http://cibmtr.org/codesystem/transplant-center",
+//!                            "code": "rc_12001"}]},
+//!     "status": "final",
+//!     "category": [{"coding": [{"code": "laboratory",
+//!         "system": "http://terminology.hl7.org/CodeSystem/observation-category"}]}],
+//!     "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+//!     "subject": {"reference": "Patient/1"},
+//!     "effectiveDateTime": "2024-03-01T08:30:00-05:00",
+//!     "valueString": "13.2 g/dL"
+//! });
+//! let issues = validate(&observation, &rules);
+//! let rejected: Vec<_> = errors(&issues).collect();
+//! assert_eq!(rejected.len(), 1);
+//! assert_eq!(rejected[0].path, "Observation.valueString");
+//! assert_eq!(rejected[0].severity, Severity::Error);
+//! ```
 
 mod cibmtr;
 pub mod primitives;
@@ -83,10 +112,21 @@ pub fn validate_cibmtr(resource: &serde_json::Value, rules: &CibmtrRules) -> Vec
     cibmtr::validate(resource, rules)
 }
 
-/// Both [`validate_r4`] and [`validate_cibmtr`], R4 issues first.
+/// Both [`validate_r4`] and [`validate_cibmtr`], R4 issues first. A CIBMTR error on a path that
+/// already has an R4 error is left out: one problem, one message (a dateTime without a zone is
+/// reported once, as an R4 format error).
 pub fn validate(resource: &serde_json::Value, rules: &CibmtrRules) -> Vec<Issue> {
     let mut issues = validate_r4(resource);
-    issues.extend(validate_cibmtr(resource, rules));
+    let r4_len = issues.len();
+    for issue in validate_cibmtr(resource, rules) {
+        let duplicate = issue.severity == Severity::Error
+            && issues[..r4_len]
+                .iter()
+                .any(|i| i.severity == Severity::Error && i.path == issue.path);
+        if !duplicate {
+            issues.push(issue);
+        }
+    }
     issues
 }
 
@@ -97,4 +137,97 @@ pub fn is_missing_narrative_div(issue: &Issue) -> bool {
     issue.severity == Severity::Error
         && issue.path.ends_with(".text.div")
         && issue.message == r4::MSG_REQUIRED
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SEC: &str = "http://cibmtr.org/codesystem/transplant-center";
+    const CRID: &str = "http://cibmtr.org/identifier/CRID";
+
+    fn rules() -> CibmtrRules {
+        CibmtrRules::new("12001", SEC, CRID)
+    }
+
+    #[test]
+    fn the_igs_minimal_patient_fails_only_on_the_tolerated_div() {
+        let ig = json!({
+            "resourceType": "Patient",
+            "meta": {"security": [{"system": SEC, "code": "rc_12001"}]},
+            "text": {"status": "empty"},
+            "identifier": [{"use": "official", "system": CRID, "value": "3989144"}]
+        });
+        let issues = validate(&ig, &rules());
+        assert_eq!(issues.len(), 1, "{issues:#?}");
+        assert_eq!(issues[0].path, "Patient.text.div");
+        assert!(is_missing_narrative_div(&issues[0]));
+        // A malformed div is not tolerated.
+        let mut bad = ig;
+        bad["text"]["div"] = json!("<div>x</div>");
+        let issues = validate(&bad, &rules());
+        assert_eq!(issues.len(), 1);
+        assert!(!is_missing_narrative_div(&issues[0]));
+    }
+
+    #[test]
+    fn one_message_per_problem() {
+        let obs = json!({
+            "resourceType": "Observation",
+            "meta": {"security": [{"system": SEC, "code": "rc_12001"}]},
+            "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+            "subject": {"reference": "Patient/1"},
+            "effectiveDateTime": "2024-03-01T08:30:00",
+            "valueQuantity": {"value": 13.2, "system": "http://unitsofmeasure.org", "code": "g/dL"}
+        });
+        let issues = validate(&obs, &rules());
+        assert_eq!(issues.len(), 1, "{issues:#?}");
+        assert_eq!(issues[0].path, "Observation.effectiveDateTime");
+        assert_eq!(validate_cibmtr(&obs, &rules()).len(), 1);
+        assert_eq!(validate_r4(&obs).len(), 1);
+    }
+
+    /// The wording of every kind of issue, reviewed as a snapshot.
+    #[test]
+    fn issue_messages() {
+        let obs = json!({
+            "resourceType": "Observation",
+            "id": "lab 1",
+            "meta": {"security": [{"system": SEC, "code": "rc_1200"}]},
+            "status": "done",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-8", "cod": "x"}]},
+            "subject": {"reference": "Group/1"},
+            "effectiveDateTime": "2024-03-01",
+            "valueString": "13.2",
+            "valueBoolean": true,
+            "issued": null,
+            "note": [],
+            "referenceRange": [{"low": {"value": 5, "comparator": "<"}, "high": {"value": 1}}]
+        });
+        insta::assert_json_snapshot!("observation_issues", validate(&obs, &rules()));
+        let patient = json!({
+            "resourceType": "Patient",
+            "meta": {"security": [{"system": SEC, "code": "rc_12002"}]},
+            "text": {"status": "none", "div": "<div>x</div>"},
+            "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": "x"}],
+            "name": [{"family": "x"}],
+            "gender": "M",
+            "birthDate": "1970-02-30",
+            "extension": [{"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"}]
+        });
+        insta::assert_json_snapshot!("patient_issues", validate(&patient, &rules()));
+        let bundle = json!({
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                {"fullUrl": "urn:uuid:X", "request": {"method": "POST"}},
+                {"resource": {"resourceType": "Medication"}, "request": {"method": "DELETE", "url": "Medication/1"}}
+            ]
+        });
+        insta::assert_json_snapshot!("bundle_issues", validate(&bundle, &rules()));
+    }
 }

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::common;
 use fhirlift::config::{FhirUris, GrantType, TargetKind};
 use fhirlift::ledger::{Ledger, Scope};
 use fhirlift::resource::{MappedPatient, MappedResource};
@@ -85,34 +86,47 @@ fn server_counts(
         .unwrap();
     rt.block_on(async {
         let c = reqwest::Client::new();
-        let t: Value = c
-            .post(sb.token_url())
-            .basic_auth("fhirlift-sandbox", Some("sandbox-secret"))
-            .form(&[
-                ("grant_type", "password"),
-                ("username", "sandbox-user"),
-                ("password", "sandbox-password"),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = t["access_token"].as_str().unwrap().to_string();
-        let mut counts: HashMap<String, usize> = values.iter().map(|v| (v.clone(), 0)).collect();
-        for chunk in values.chunks(100) {
-            let any: Vec<String> = chunk.iter().map(|v| format!("{system}|{v}")).collect();
-            let b: Value = c
-                .get(format!("{}/r4/{rtype}", sb.base_url()))
-                .bearer_auth(&token)
-                .query(&[("identifier", any.join(",")), ("_count", "1000".into())])
+        // The sandbox may be injecting faults: ask until it answers.
+        let mut token = String::new();
+        for _ in 0..50 {
+            let r = c
+                .post(sb.token_url())
+                .basic_auth("fhirlift-sandbox", Some("sandbox-secret"))
+                .form(&[
+                    ("grant_type", "password"),
+                    ("username", "sandbox-user"),
+                    ("password", "sandbox-password"),
+                ])
                 .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+                .await;
+            if let Ok(r) = r
+                && r.status() == 200
+            {
+                let t: Value = r.json().await.unwrap();
+                token = t["access_token"].as_str().unwrap().to_string();
+                break;
+            }
+        }
+        let mut counts: HashMap<String, usize> = values.iter().map(|v| (v.clone(), 0)).collect();
+        for chunk in values.chunks(50) {
+            let any: Vec<String> = chunk.iter().map(|v| format!("{system}|{v}")).collect();
+            let mut bundle = None;
+            for _ in 0..50 {
+                let r = c
+                    .get(format!("{}/r4/{rtype}", sb.base_url()))
+                    .bearer_auth(&token)
+                    .query(&[("identifier", any.join(",")), ("_count", "1000".into())])
+                    .send()
+                    .await;
+                if let Ok(r) = r
+                    && r.status() == 200
+                    && let Ok(b) = r.json::<Value>().await
+                {
+                    bundle = Some(b);
+                    break;
+                }
+            }
+            let b = bundle.expect("the sandbox answered a search");
             for e in b["entry"].as_array().cloned().unwrap_or_default() {
                 for id in e["resource"]["identifier"]
                     .as_array()
@@ -295,15 +309,20 @@ fn faults_never_duplicate_single_requests() {
 
 #[test]
 fn faults_never_duplicate_bundles() {
-    let sb = start(faulty(11));
-    let (p, o) = synthetic::generate(10, 12, CCN, &FhirUris::default());
-    let mut c = config_for(&sb);
-    c.bundle_size = 5;
-    let (out, summary) = load(c, None, p, o.clone()).unwrap();
-    assert_settled(&out);
-    assert_eq!(summary.rejected, 0, "{out:#?}");
-    assert_exactly_once(&sb, &out, &o);
-    assert!(sb.stats().requests_total("transaction") > 0);
+    // Per-patient Bundles (groups larger than a Bundle), and new patients packed with their
+    // resources into shared Bundles.
+    for (seed, patients, per_patient, bundle) in [(11, 10, 12, 5), (13, 24, 3, 50)] {
+        let sb = start(faulty(seed));
+        let (p, o) = synthetic::generate(patients, per_patient, CCN, &FhirUris::default());
+        let mut c = config_for(&sb);
+        c.bundle_size = bundle;
+        let (out, summary) = load(c, None, p, o.clone()).unwrap();
+        assert_settled(&out);
+        assert_eq!(summary.rejected, 0, "{out:#?}");
+        assert_exactly_once(&sb, &out, &o);
+        assert_eq!(sb.stats().resources("Patient"), patients as u64);
+        assert!(sb.stats().requests_total("transaction") > 0);
+    }
 }
 
 #[test]
@@ -462,4 +481,154 @@ fn short_lived_tokens_are_refreshed_and_a_refused_token_is_retried_once() {
     assert!(matches!(e, SinkError::Auth(_)), "{e}");
     assert_eq!(dead.stats().requests_total("token"), 2);
     assert_eq!(dead.stats().requests_total("crid"), 2);
+}
+
+fn write_config(dir: &std::path::Path, target: &str) -> std::path::PathBuf {
+    let p = dir.join("pipeline.toml");
+    std::fs::write(
+        &p,
+        format!("[center]\nccn = \"12001\"\n[sources.a]\npath = \"a.csv\"\n{target}"),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn check_reads_the_capability_statement_and_never_logs_secrets() {
+    let sb = start(SandboxConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[target]\nkind = \"custom\"\nbase_url = \"{}\"\ntoken_url = \"{}\"\n",
+            sb.base_url(),
+            sb.token_url()
+        ),
+    );
+    let out = common::fhirlift()
+        .args(["-vvv", "check"])
+        .arg(&config)
+        .env("RUST_LOG", "trace")
+        .env("FHIRLIFT_CLIENT_ID", "fhirlift-sandbox")
+        .env("FHIRLIFT_CLIENT_SECRET", "sandbox-secret")
+        .env("FHIRLIFT_USERNAME", "sandbox-user")
+        .env("FHIRLIFT_PASSWORD", "sandbox-password")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("can work against this target"), "{stdout}");
+    assert!(
+        stderr.len() > 100,
+        "trace logging produced output: {stderr}"
+    );
+    for secret in [
+        "sandbox-secret",
+        "sandbox-password",
+        "Bearer ",
+        "access_token",
+    ] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} leaked"
+        );
+    }
+    // Nothing was sent: no CRID request, no resource.
+    let stats = sb.stats();
+    assert_eq!(stats.requests_total("crid"), 0);
+    assert_eq!(stats.resources("Patient"), 0);
+
+    // Wrong secret: exit 3, and the secret is not in the message.
+    let out = common::fhirlift()
+        .arg("check")
+        .arg(&config)
+        .env("FHIRLIFT_CLIENT_ID", "fhirlift-sandbox")
+        .env("FHIRLIFT_CLIENT_SECRET", "not-the-secret")
+        .env("FHIRLIFT_USERNAME", "sandbox-user")
+        .env("FHIRLIFT_PASSWORD", "sandbox-password")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3), "{all}");
+    assert!(!all.contains("not-the-secret"), "{all}");
+}
+
+#[test]
+fn check_refuses_plain_http_to_remote_hosts_and_missing_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[target]\nkind = \"custom\"\nbase_url = \"http://example.org/v1\"\ntoken_url = \"https://example.org/token\"\n",
+    );
+    let out = common::fhirlift()
+        .arg("check")
+        .arg(&config)
+        .env("FHIRLIFT_CLIENT_ID", "x")
+        .env("FHIRLIFT_CLIENT_SECRET", "y")
+        .env("FHIRLIFT_USERNAME", "u")
+        .env("FHIRLIFT_PASSWORD", "p")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("plain http://"), "{err}");
+
+    let config = write_config(dir.path(), "[target]\nkind = \"test\"\n");
+    let out = common::fhirlift()
+        .arg("check")
+        .arg(&config)
+        .env_remove("FHIRLIFT_CLIENT_ID")
+        .env_remove("FHIRLIFT_CLIENT_SECRET")
+        .env_remove("FHIRLIFT_USERNAME")
+        .env_remove("FHIRLIFT_PASSWORD")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("FHIRLIFT_CLIENT_SECRET"), "{err}");
+}
+
+#[test]
+fn new_patients_travel_in_bundles_with_their_resources_and_a_bad_one_is_isolated() {
+    let sb = start(SandboxConfig::default());
+    let (p, mut o) = synthetic::generate(6, 4, CCN, &FhirUris::default());
+    let mut c = config_for(&sb);
+    c.bundle_size = 50;
+    let (out, summary) = load(c.clone(), None, p.clone(), o.clone()).unwrap();
+    assert_eq!(summary.created, 30, "{out:#?}");
+    assert_exactly_once(&sb, &out, &o);
+    // 6 CRID requests, 6 Patient searches, one Bundle: no single creates.
+    assert_eq!(sb.stats().requests_total("transaction"), 1);
+    assert_eq!(sb.stats().requests_total("create:Patient"), 0);
+    assert_eq!(summary.requests, 6 + 6 + 1);
+
+    // The same load again finds everything; nothing is created.
+    let (again, _) = load(c.clone(), None, p, o.clone()).unwrap();
+    assert!(
+        again.iter().all(|o| o.status == OutcomeStatus::Unchanged),
+        "{again:#?}"
+    );
+    assert_eq!(sb.stats().resources("Observation"), 24);
+
+    // A fresh server and one invalid Observation: the Bundle is refused, every group goes the
+    // single way, and only the bad row is rejected.
+    let sb = start(SandboxConfig::default());
+    let (p, _) = synthetic::generate(6, 4, CCN, &FhirUris::default());
+    o[5].body.as_object_mut().unwrap().remove("status");
+    let base = url::Url::parse(&sb.base_url()).unwrap();
+    c.endpoints = Endpoints::cibmtr(
+        TargetKind::Custom,
+        &base,
+        Some(url::Url::parse(&sb.token_url()).unwrap()),
+    );
+    let (out, summary) = load(c, None, p, o.clone()).unwrap();
+    assert_eq!((summary.created, summary.rejected), (29, 1), "{out:#?}");
+    assert_eq!(out[6 + 5].status, OutcomeStatus::Rejected);
+    assert_eq!(sb.stats().resources("Observation"), 23);
+    assert_eq!(sb.stats().resources("Patient"), 6);
 }

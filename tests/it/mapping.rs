@@ -385,3 +385,252 @@ fn a_live_run_is_refused_clearly_until_the_loader_is_wired() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--dry-run"));
 }
+
+/// The documented bad rows of the samples, with the start of the reason each must carry.
+const SAMPLE_BAD_ROWS: [(&str, &str); 8] = [
+    ("registry.xlsx[Patients]:8", "birth_date: expected date"),
+    (
+        "registry.xlsx[Patients]:15",
+        "sex: no entry for code \"X\" in lookup table sex",
+    ),
+    (
+        "registry.xlsx[Patients]:23",
+        "birth_date: spreadsheet error cell #N/A",
+    ),
+    (
+        "registry.xlsx[Patients]:31",
+        "mrn: the patient key is empty",
+    ),
+    (
+        "[Labs]:101",
+        "test_code: no entry for code \"XYZ9\" in lookup table lab_codes",
+    ),
+    ("[Labs]:257", "value: expected decimal"),
+    (
+        "[Labs]:777",
+        "mrn: patient \"999999\" is not among the patients mapped in this run",
+    ),
+    ("[Labs]:1500", "collected_at: expected datetime"),
+];
+
+/// Runs a dry run of the samples with the labs from `labs_source` (a TOML table body) and checks
+/// that exactly the documented rows are rejected for their own reason, that every other reject is
+/// a lab of a rejected patient, and that the counts add up.
+fn check_samples(labs_source: &str, lab_bad_rows: &[(&str, &str)]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sample = read(&repo().join("samples/pipeline.toml"));
+    let head = sample.split("[sources.labs]").next().expect("labs section");
+    let config = dir.path().join("pipeline.toml");
+    let text =
+        head.replace(
+            "\"../mappings/",
+            &format!("\"{}/mappings/", repo().display()),
+        )
+        .replace(
+            "\"registry.xlsx\"",
+            &format!(
+                "{:?}",
+                repo().join("samples/registry.xlsx").display().to_string()
+            ),
+        ) + "[sources.labs]\n"
+            + labs_source;
+    std::fs::write(&config, text).expect("config");
+    let out = dir.path().join("out");
+    let o = dry_run(&config, &out, "2");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let rejects = read(&out.join("rejects.csv"));
+    let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
+    let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.expect("csv")).collect();
+    let (cascaded, own): (Vec<_>, Vec<_>) = rows
+        .iter()
+        .partition(|r| r[3].contains("was rejected at registry.xlsx[Patients]:"));
+    let expected: Vec<(&str, &str)> = SAMPLE_BAD_ROWS[..4]
+        .iter()
+        .copied()
+        .chain(lab_bad_rows.iter().copied())
+        .collect();
+    assert_eq!(own.len(), expected.len(), "{rejects}");
+    for ((loc, reason), r) in expected.iter().zip(&own) {
+        assert!(r[0].ends_with(loc), "{} is not {loc}", &r[0]);
+        assert!(
+            r[3].starts_with(reason),
+            "{}: {} does not start with {reason}",
+            &r[0],
+            &r[3]
+        );
+    }
+    for r in &cascaded {
+        assert!(
+            ["[Patients]:8,", "[Patients]:15,", "[Patients]:23,"]
+                .iter()
+                .any(|p| r[3].contains(&p[..p.len() - 1])),
+            "{}",
+            &r[3]
+        );
+    }
+    let patients = read(&out.join("Patient.ndjson")).lines().count();
+    let observations = read(&out.join("Observation.ndjson")).lines().count();
+    assert_eq!(patients, 50 - 4);
+    assert_eq!(
+        observations + own.len() - 4 + cascaded.len(),
+        2000,
+        "the counts add up"
+    );
+    assert_eq!(read(&out.join("crid-requests.ndjson")).lines().count(), 46);
+}
+
+#[test]
+fn samples_workbook_rejects_exactly_the_documented_rows() {
+    let labs = format!(
+        "path = {:?}\nsheet = \"Labs\"\n[sources.labs.columns]\nlab_id = {{ type = \"string\" }}\nmrn = {{ type = \"string\" }}\nvalue = {{ type = \"decimal\" }}\nref_low = {{ type = \"decimal\" }}\nref_high = {{ type = \"decimal\" }}\ncollected_at = {{ type = \"datetime\" }}\n",
+        repo().join("samples/registry.xlsx").display().to_string()
+    );
+    check_samples(&labs, &SAMPLE_BAD_ROWS[4..]);
+}
+
+#[test]
+fn samples_csv_labs_reject_the_same_rows() {
+    let labs = format!(
+        "path = {:?}\n[sources.labs.columns]\nvalue = {{ type = \"decimal\" }}\nref_low = {{ type = \"decimal\" }}\nref_high = {{ type = \"decimal\" }}\ncollected_at = {{ type = \"datetime\" }}\n",
+        repo().join("samples/labs.csv").display().to_string()
+    );
+    let bad: Vec<(&str, &str)> = SAMPLE_BAD_ROWS[4..]
+        .iter()
+        .map(|(l, r)| (l.trim_start_matches("[Labs]"), *r))
+        .collect();
+    check_samples(&labs, &bad);
+}
+
+#[test]
+fn samples_parquet_labs_reject_the_same_rows() {
+    let labs = format!(
+        "path = {:?}\n",
+        repo().join("samples/labs.parquet").display().to_string()
+    );
+    // Parquet counts rows from 1 (no header line), and its typed columns hold nulls where the
+    // workbook has bad text.
+    check_samples(
+        &labs,
+        &[
+            (":100", "test_code: no entry for code \"XYZ9\""),
+            (":256", "value: a required value is empty"),
+            (
+                ":776",
+                "mrn: patient \"999999\" is not among the patients mapped in this run",
+            ),
+            (":1499", "collected_at: a required value is empty"),
+        ],
+    );
+}
+
+#[test]
+fn samples_pipeline_passes_validate() {
+    let o = fhirlift()
+        .arg("validate")
+        .arg(repo().join("samples/pipeline.toml"))
+        .output()
+        .expect("validate");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn validate_names_a_template_column_missing_from_the_source() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = fixture(dir.path(), &[], "");
+    // The lab template reads row.comparator; drop that column from the labs file.
+    let labs: String = LABS
+        .lines()
+        .map(|l| format!("{}\n", l.rsplit_once(',').map_or(l, |(a, _)| a)))
+        .collect();
+    std::fs::write(dir.path().join("labs.csv"), labs).expect("labs");
+    let o = fhirlift()
+        .arg("validate")
+        .arg(&config)
+        .output()
+        .expect("validate");
+    assert_eq!(o.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("column \"comparator\" is not in source \"labs\""),
+        "{stderr}"
+    );
+}
+
+/// The fenced block of `lang` that follows `after` in templates/README.md.
+fn guide_block(after: &str, lang: &str) -> String {
+    let guide = read(&repo().join("templates/README.md"));
+    let start = guide.find(after).expect("section in the guide");
+    let rest = &guide[start..];
+    let open = format!("```{lang}\n");
+    let body = &rest[rest.find(&open).expect("code block") + open.len()..];
+    let body = &body[..body.find("```").expect("closing fence")];
+    // Blocks inside a numbered list are indented by three spaces.
+    body.lines()
+        .map(|l| l.strip_prefix("   ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_guides_walk_through_works_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mdir = dir.path().join("mappings");
+    std::fs::create_dir_all(mdir.join("lookups")).expect("mkdir");
+    for t in ["lab_codes.csv", "units.csv", "result_codes.csv"] {
+        std::fs::copy(
+            repo().join("mappings/lookups").join(t),
+            mdir.join("lookups").join(t),
+        )
+        .expect("copy lookup");
+    }
+    std::fs::write(
+        mdir.join("results.toml"),
+        guide_block("3. **Write the mapping**", "toml"),
+    )
+    .expect("mapping");
+    std::fs::create_dir_all(dir.path().join("templates/mine")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("templates/mine/result.json.j2"),
+        guide_block("4. **Write the template**", "jinja"),
+    )
+    .expect("template");
+    std::fs::write(
+        dir.path().join("transplant_labs.csv"),
+        "Patient ID,Accession,Test,Result,Units,Drawn\n00042,X-1,HGB,13.40,g/dL,03/01/2024 08:30\n00042,X-2,NOPE,1,g/dL,03/01/2024 08:30\n",
+    )
+    .expect("data");
+    let source = guide_block("2. **Declare the source**", "toml")
+        .replace("transplant_labs.xlsx", "transplant_labs.csv")
+        .replace("sheet = \"Results\"\n", "");
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!("mappings = [\"mappings/results.toml\"]\n[center]\nccn = \"12001\"\n{source}\n"),
+    )
+    .expect("config");
+    let out = dir.path().join("out");
+    let o = dry_run(&config, &out, "1");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let obs: serde_json::Value =
+        serde_json::from_str(read(&out.join("Observation.ndjson")).trim()).expect("one resource");
+    assert_eq!(obs["effectiveDateTime"], "2024-03-01T08:30:00-05:00");
+    assert_eq!(obs["valueQuantity"]["value"].to_string(), "13.40");
+    assert_eq!(obs["identifier"][0]["value"], "X-1");
+    assert!(read(&out.join("rejects.csv")).contains("no entry for code \"\"NOPE\"\""));
+}

@@ -10,11 +10,13 @@
 //! It must not log resource content, demographics, tokens or secrets above TRACE, retry outside
 //! [`retry`], or create anything without first ruling out that an earlier attempt already did.
 
+pub mod capability;
 pub mod credentials;
 pub mod crid;
 pub mod fhir;
 pub mod http;
 pub mod retry;
+pub mod setup;
 pub mod summary;
 pub mod synthetic;
 pub mod target;
@@ -325,6 +327,7 @@ impl Sink for Loader {
             fatal: Mutex::new(None),
             stop: this.stop.clone(),
             progress: progress.clone(),
+            packer: Mutex::new(Packer::default()),
         });
         let patients = this.patients;
         let resources = this.resources;
@@ -408,9 +411,36 @@ struct Shared {
     fatal: Mutex<Option<Fatal>>,
     stop: StopSignal,
     progress: ProgressBar,
+    /// New patients with their resources, waiting to fill a transaction Bundle.
+    packer: Mutex<Packer>,
+}
+
+/// Groups collected for the next Bundle, and their entry count.
+#[derive(Default)]
+struct Packer {
+    groups: Vec<Group>,
+    entries: usize,
 }
 
 impl Shared {
+    /// Adds a group; when it would overflow the Bundle, returns the groups collected so far
+    /// (to be sent by the caller) and starts a new Bundle with this group.
+    fn pack(&self, group: Group) -> Option<Vec<Group>> {
+        let Ok(mut p) = self.packer.lock() else {
+            return Some(vec![group]);
+        };
+        let size = group.items.len() + 1;
+        let full = if p.entries + size > self.bundle_size {
+            p.entries = 0;
+            Some(std::mem::take(&mut p.groups))
+        } else {
+            None
+        };
+        p.entries += size;
+        p.groups.push(group);
+        full.filter(|g| !g.is_empty())
+    }
+
     fn halted(&self) -> bool {
         self.stop.is_stopped() || self.fatal.lock().map_or(true, |f| f.is_some())
     }
@@ -513,6 +543,17 @@ async fn run_all(
                 }
             }
             Err(e) => shared.set_fatal(Fatal::Target(format!("a worker failed: {e}"))),
+        }
+    }
+    let rest = shared
+        .packer
+        .lock()
+        .map(|mut p| std::mem::take(&mut p.groups));
+    if let Ok(rest) = rest
+        && !rest.is_empty()
+    {
+        for (i, o) in send_groups(&shared, rest).await {
+            out[i] = Some(o);
         }
     }
     out.into_iter()
@@ -771,18 +812,29 @@ enum PatientReady {
         fresh: bool,
     },
     Rejected(String),
+    /// Absent from the server; to be created inside a transaction Bundle with its resources.
+    Deferred {
+        body: Value,
+        hash: String,
+        query: Query,
+    },
 }
 
 async fn load_patient(shared: Arc<Shared>, job: PatientJob) -> Vec<Indexed> {
     let mut out = Vec::with_capacity(job.resources.len() + 1);
+    let defer = shared.bundle_size > 1
+        && job.resources.len() < shared.bundle_size
+        && job.resources.iter().all(|(_, r)| !ledger_knows(&shared, r));
     let ready = {
         let _slot = shared.patient_slots.acquire().await;
         if shared.halted() {
             None
         } else {
-            match patient_step(&shared, &job.patient).await {
+            match patient_step(&shared, &job.patient, defer).await {
                 Ok((outcome, ready)) => {
-                    out.push((job.index, outcome));
+                    if let Some(o) = outcome {
+                        out.push((job.index, o));
+                    }
                     Some(ready)
                 }
                 Err(e) => {
@@ -792,16 +844,44 @@ async fn load_patient(shared: Arc<Shared>, job: PatientJob) -> Vec<Indexed> {
             }
         }
     };
-    shared.progress.inc(1);
     let Some(ready) = ready else {
+        shared.progress.inc(1);
         out.push((job.index, not_sent(&job.patient.resource)));
         out.extend(job.resources.iter().map(|(i, r)| (*i, not_sent(r))));
         shared.progress.inc(job.resources.len() as u64);
         return out;
     };
     let (patient_id, fresh) = match ready {
-        PatientReady::Ready { id, fresh } => (id, fresh),
+        PatientReady::Ready { id, fresh } => {
+            shared.progress.inc(1);
+            (id, fresh)
+        }
+        PatientReady::Deferred { body, hash, query } => {
+            let items = job
+                .resources
+                .into_iter()
+                .map(|(index, resource)| Item {
+                    index,
+                    hash: content_hash(&resource.body),
+                    body: resource.body.clone(),
+                    resource,
+                })
+                .collect();
+            let group = Group {
+                index: job.index,
+                patient: job.patient.resource,
+                body,
+                hash,
+                query,
+                items,
+            };
+            if let Some(full) = shared.pack(group) {
+                out.extend(send_groups(&shared, full).await);
+            }
+            return out;
+        }
         PatientReady::Rejected(reason) => {
+            shared.progress.inc(1);
             let why = format!(
                 "its Patient ({}) was rejected: {reason}",
                 job.patient.resource.location
@@ -895,7 +975,8 @@ async fn load_single(shared: &Shared, item: Item, fresh: bool) -> Indexed {
 async fn patient_step(
     shared: &Shared,
     p: &MappedPatient,
-) -> Result<(RowOutcome, PatientReady), Fatal> {
+    defer: bool,
+) -> Result<(Option<RowOutcome>, PatientReady), Fatal> {
     let r = &p.resource;
     let crid = match known_crid(shared, p) {
         Some(c) => Some(c),
@@ -910,7 +991,7 @@ async fn patient_step(
                 http_status,
                 attempts,
             } => {
-                let outcome = rejected(r, reason.clone(), http_status, attempts);
+                let outcome = Some(rejected(r, reason.clone(), http_status, attempts));
                 if let Some(h) = &shared.ledger
                     && let Err(e) = h.ledger.record_reject(
                         &h.scope,
@@ -939,6 +1020,32 @@ async fn patient_step(
         None => Query::by_identifier("Patient", &r.identifier),
     };
     let hash = content_hash(&body);
+    if defer && let Plan::Search { known: false } = plan(shared, r, &hash) {
+        // The contract's search comes first; only a Patient the server does not hold is
+        // deferred to a Bundle. Anything else takes the ordinary way below.
+        if let Ok((hits, attempts)) = shared.fhir.search(&query).await {
+            match hits.as_slice() {
+                [] => return Ok((None, PatientReady::Deferred { body, hash, query })),
+                [one] => {
+                    if let Some(id) = one.get("id").and_then(Value::as_str) {
+                        let up = Upserted::Unchanged {
+                            id: id.to_string(),
+                            attempts,
+                        };
+                        ledger_after(shared, r, &hash, &up);
+                        return Ok((
+                            Some(outcome_of(r, &up)),
+                            PatientReady::Ready {
+                                id: id.to_string(),
+                                fresh: false,
+                            },
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
     let up = submit_one(shared, r, &body, &hash, &query, false, OnMatch::Reuse).await?;
     let outcome = outcome_of(r, &up);
     let ready = match (&up, up.server_id()) {
@@ -957,7 +1064,7 @@ async fn patient_step(
                 .unwrap_or_else(|| "the Patient could not be submitted".into()),
         ),
     };
-    Ok((outcome, ready))
+    Ok((Some(outcome), ready))
 }
 
 fn crid_request(shared: &Shared, p: &MappedPatient) -> Option<Value> {
@@ -989,6 +1096,188 @@ fn remember_crid(shared: &Shared, p: &MappedPatient, crid: &str) {
     ) {
         shared.ledger_err(e);
     }
+}
+
+/// Whether the ledger holds anything about a resource (then it cannot ride in a new patient's
+/// Bundle: it may exist already).
+fn ledger_knows(shared: &Shared, r: &MappedResource) -> bool {
+    shared.ledger.as_ref().is_some_and(|h| {
+        !matches!(
+            h.ledger.known(&h.scope, &r.resource_type, record_key(r)),
+            Ok(None)
+        )
+    })
+}
+
+/// A patient the server does not hold, with its resources: created together in one Bundle, the
+/// resources referring to the Patient by its placeholder `fullUrl`.
+struct Group {
+    index: usize,
+    patient: MappedResource,
+    body: Value,
+    hash: String,
+    query: Query,
+    /// Bodies still carry the placeholder reference.
+    items: Vec<Item>,
+}
+
+/// Sends whole groups (new patients and their resources) in one transaction Bundle. When the
+/// Bundle is refused or its answer lost, each group goes the single way: the Patient searched
+/// (if the Bundle may have been stored) or created, then its resources.
+async fn send_groups(shared: &Arc<Shared>, groups: Vec<Group>) -> Vec<Indexed> {
+    let mut out = Vec::new();
+    if shared.halted() {
+        for g in &groups {
+            out.push((g.index, not_sent(&g.patient)));
+            out.extend(g.items.iter().map(|i| (i.index, not_sent(&i.resource))));
+        }
+        shared.progress.inc(out.len() as u64);
+        return out;
+    }
+    let mut entries = Vec::new();
+    for g in &groups {
+        entries.push(json!({
+            "fullUrl": patient_placeholder(&g.patient.patient_key),
+            "resource": g.body,
+            "request": {"method": "POST", "url": "Patient"},
+        }));
+        for item in &g.items {
+            entries.push(json!({
+                "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+                "resource": item.body,
+                "request": {"method": "POST", "url": item.resource.resource_type},
+            }));
+        }
+    }
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let search_again = match shared.fhir.transaction(&bundle).await {
+        Ok(reply) if (200..300).contains(&reply.status) => {
+            let answer: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+            let answers = answer
+                .get("entry")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let id_at = |n: usize, rtype: &str| {
+                answers
+                    .get(n)
+                    .and_then(|e| e.pointer("/response/location"))
+                    .and_then(Value::as_str)
+                    .and_then(|l| fhir::id_from_location(l, rtype))
+            };
+            let mut n = 0;
+            let mut unreadable = Vec::new();
+            for g in groups {
+                let ids: Vec<Option<String>> = std::iter::once(id_at(n, "Patient"))
+                    .chain(
+                        g.items
+                            .iter()
+                            .enumerate()
+                            .map(|(k, i)| id_at(n + 1 + k, &i.resource.resource_type)),
+                    )
+                    .collect();
+                n += 1 + g.items.len();
+                if ids.iter().any(Option::is_none) {
+                    // Stored, but an answer is unreadable: settle this group by searching.
+                    unreadable.push(g);
+                    continue;
+                }
+                let created = |id: &Option<String>| Upserted::Created {
+                    id: id.clone().unwrap_or_default(),
+                    status: 201,
+                    attempts: reply.attempts,
+                };
+                let up = created(&ids[0]);
+                ledger_after(shared, &g.patient, &g.hash, &up);
+                out.push((g.index, outcome_of(&g.patient, &up)));
+                for (item, id) in g.items.iter().zip(&ids[1..]) {
+                    let up = created(id);
+                    ledger_after(shared, &item.resource, &item.hash, &up);
+                    out.push((item.index, outcome_of(&item.resource, &up)));
+                }
+                shared.progress.inc(1 + g.items.len() as u64);
+            }
+            for g in unreadable {
+                out.extend(group_single(shared, g, true).await);
+            }
+            return out;
+        }
+        // A transaction is all-or-nothing: refused means nothing was stored.
+        Ok(_) => false,
+        Err(CallError::Auth(e)) => {
+            shared.set_fatal(Fatal::Auth(e));
+            true
+        }
+        Err(_) => true,
+    };
+    for g in groups {
+        out.extend(group_single(shared, g, search_again).await);
+    }
+    out
+}
+
+/// One group the single way: its Patient (searched first when a Bundle may have stored it),
+/// then its resources.
+async fn group_single(shared: &Arc<Shared>, g: Group, search: bool) -> Vec<Indexed> {
+    let mut out = Vec::with_capacity(g.items.len() + 1);
+    if shared.halted() {
+        out.push((g.index, not_sent(&g.patient)));
+        out.extend(g.items.iter().map(|i| (i.index, not_sent(&i.resource))));
+        shared.progress.inc(out.len() as u64);
+        return out;
+    }
+    let up = match shared
+        .fhir
+        .upsert(&g.query, &g.body, search, OnMatch::Reuse)
+        .await
+    {
+        Ok(up) => up,
+        Err(e) => {
+            shared.set_fatal(e.into());
+            out.push((g.index, not_sent(&g.patient)));
+            out.extend(g.items.iter().map(|i| (i.index, not_sent(&i.resource))));
+            shared.progress.inc(out.len() as u64);
+            return out;
+        }
+    };
+    ledger_after(shared, &g.patient, &g.hash, &up);
+    out.push((g.index, outcome_of(&g.patient, &up)));
+    shared.progress.inc(1);
+    let (id, fresh) = match &up {
+        Upserted::Created { id, .. } => (id.clone(), true),
+        other => match other.server_id() {
+            Some(id) => (id.to_string(), false),
+            None => {
+                let why = format!(
+                    "its Patient ({}) was rejected: {}",
+                    g.patient.location,
+                    outcome_of(&g.patient, &up).message.unwrap_or_default()
+                );
+                out.extend(
+                    g.items
+                        .iter()
+                        .map(|i| (i.index, rejected(&i.resource, why.clone(), None, 0))),
+                );
+                shared.progress.inc(g.items.len() as u64);
+                return out;
+            }
+        },
+    };
+    let placeholder = patient_placeholder(&g.patient.patient_key);
+    let reference = format!("Patient/{id}");
+    let mut set = JoinSet::new();
+    for mut item in g.items {
+        fhir::replace_reference(&mut item.body, &placeholder, &reference);
+        let shared = shared.clone();
+        set.spawn(async move { load_single(&shared, item, fresh).await });
+    }
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok(o) => out.push(o),
+            Err(e) => shared.set_fatal(Fatal::Target(format!("a worker failed: {e}"))),
+        }
+    }
+    out
 }
 
 /// Sends up to `bundle_size` resources of one patient in a transaction Bundle. Resources the
