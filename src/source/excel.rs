@@ -314,7 +314,10 @@ fn bounded_grid<'a, E>(
                 ),
             });
         }
-        cells.push(calamine::Cell::new((r, c), Data::from(cell.get_value().clone())));
+        cells.push(calamine::Cell::new(
+            (r, c),
+            Data::from(cell.get_value().clone()),
+        ));
     }
     Ok(Ok(Range::from_sparse(cells)))
 }

@@ -1,0 +1,655 @@
+//! Integration tests: hostile input, faults under load, secrets and patient data, template safety.
+//!
+//! Every child process runs with a memory limit and a time limit, so that a reader that inflates
+//! without bound or loops forever fails its test instead of taking the machine down. These tests
+//! never assert how fast anything is; the time limit only catches hangs.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::common::{fhirlift, repo};
+
+/// Virtual memory a child may map (KiB): far above what any file here needs read properly, far
+/// below what an unbounded reader asks for.
+const CHILD_MEMORY_KIB: u64 = 4 << 20;
+
+/// Past this a child is taken for hung.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn bad(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/bad").join(name)
+}
+
+/// What a finished child did.
+struct Finished {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn describe(&self) -> String {
+        format!(
+            "exit {:?}\nstderr:\n{}\nstdout (start):\n{}",
+            self.code,
+            tail(&self.stderr, 4000),
+            tail(&self.stdout, 2000)
+        )
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Runs `cmd` under a memory limit (`ulimit -v`) and a time limit, with its output in files (so a
+/// child that prints a lot never blocks on a pipe). A child still running at the limit is killed
+/// and the test fails.
+fn run_bounded(cmd: &Command, scratch: &Path) -> Finished {
+    let out_path = scratch.join(format!("stdout-{}", rand::random::<u32>()));
+    let err_path = scratch.join(format!("stderr-{}", rand::random::<u32>()));
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!(
+            "ulimit -v {CHILD_MEMORY_KIB} && exec \"$0\" \"$@\""
+        ))
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"));
+    if let Some(dir) = cmd.get_current_dir() {
+        sh.current_dir(dir);
+    }
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    let mut child = sh.spawn().expect("spawn");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            break status;
+        }
+        if started.elapsed() > CHILD_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{:?} hung (killed after {CHILD_TIMEOUT:?}); stderr:\n{}",
+                cmd.get_args().collect::<Vec<_>>(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read =
+        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+    let f = Finished {
+        code: status.code(),
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    };
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    // Never a panic, an abort (allocation failure) or any other signal.
+    assert!(
+        !f.stderr.contains("panicked") && !f.stderr.contains("memory allocation of"),
+        "{:?} crashed:\n{}",
+        cmd.get_args().collect::<Vec<_>>(),
+        f.describe()
+    );
+    assert!(
+        f.code.is_some(),
+        "{:?} died of a signal:\n{}",
+        cmd.get_args().collect::<Vec<_>>(),
+        f.describe()
+    );
+    f
+}
+
+/// The role a corpus file plays in a dry run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    /// The patients source (read as the CIBMTR pack's patient list).
+    Patients,
+    /// The labs source, with `good-patients.csv` as the patients.
+    Labs,
+}
+
+/// What a command must do with a file.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Exit 0.
+    Clean,
+    /// Exit 1: some rows rejected, each named by its location; the rest read.
+    Rows,
+    /// Exit 2 with an error that names the file and contains this text.
+    Fatal(&'static str),
+}
+
+struct Case {
+    file: &'static str,
+    inspect: Expect,
+    role: Role,
+    dry_run: Expect,
+}
+
+const fn case(file: &'static str, inspect: Expect, role: Role, dry_run: Expect) -> Case {
+    Case {
+        file,
+        inspect,
+        role,
+        dry_run,
+    }
+}
+
+use Expect::{Clean, Fatal, Rows};
+use Role::{Labs, Patients};
+
+/// Every file of the corpus and what it must give. A file missing from this table fails
+/// `every_corpus_file_is_in_the_table`.
+const CASES: &[Case] = &[
+    // Workbooks that cannot be read at all.
+    case(
+        "truncated.xlsx",
+        Fatal("not a readable Excel"),
+        Patients,
+        Fatal("not a readable Excel"),
+    ),
+    case(
+        "truncated-end.xlsx",
+        Fatal("not a readable Excel"),
+        Patients,
+        Fatal("not a readable Excel"),
+    ),
+    case(
+        "not-a-zip.xlsx",
+        Fatal("not a readable Excel"),
+        Patients,
+        Fatal("not a readable Excel"),
+    ),
+    case(
+        "empty.xlsx",
+        Fatal("not a readable Excel"),
+        Patients,
+        Fatal("not a readable Excel"),
+    ),
+    case(
+        "text-as.xlsx",
+        Fatal("not a readable Excel"),
+        Patients,
+        Fatal("not a readable Excel"),
+    ),
+    case(
+        "corrupt-sheet-xml.xlsx",
+        Fatal("Xml error"),
+        Patients,
+        Fatal("Xml error"),
+    ),
+    case(
+        "bad-cell-ref.xlsx",
+        Fatal("[Patients]: header only"),
+        Patients,
+        Fatal("not in the header"),
+    ),
+    case(
+        "sparse-bomb.xlsx",
+        Fatal("[Patients]: refused: its cells span 1048576 rows"),
+        Patients,
+        Fatal("refused"),
+    ),
+    case(
+        "zip-bomb.xlsx",
+        Fatal("refused: part \"xl/worksheets/sheet1.xml\" inflates past"),
+        Patients,
+        Fatal("refused"),
+    ),
+    case(
+        "garbage.xls",
+        Fatal("not a readable Excel 97-2003"),
+        Patients,
+        Fatal("not a readable Excel 97-2003"),
+    ),
+    case(
+        "text-as.xls",
+        Fatal("not a readable Excel 97-2003"),
+        Patients,
+        Fatal("not a readable Excel 97-2003"),
+    ),
+    case(
+        "garbage.xlsb",
+        Fatal("not a readable Excel binary"),
+        Patients,
+        Fatal("not a readable Excel binary"),
+    ),
+    case(
+        "truncated.ods",
+        Fatal("not a readable OpenDocument"),
+        Patients,
+        Fatal("not a readable OpenDocument"),
+    ),
+    case(
+        "corrupt-content.ods",
+        Fatal("not a readable OpenDocument"),
+        Patients,
+        Fatal("not a readable OpenDocument"),
+    ),
+    case(
+        "repeat-bomb.ods",
+        Fatal("Cell limit exceeded"),
+        Patients,
+        Fatal("Cell limit exceeded"),
+    ),
+    // Workbook cells: formulas without cached values, error cells, edge date serials and numbers.
+    case("formulas-errors-dates.xlsx", Rows, Patients, Rows),
+    // Parquet files that cannot be read, and edge values that can.
+    case(
+        "truncated.parquet",
+        Fatal("not a readable Parquet file"),
+        Labs,
+        Fatal("not a readable Parquet file"),
+    ),
+    case(
+        "bad-magic.parquet",
+        Fatal("not a readable Parquet file"),
+        Labs,
+        Fatal("not a readable Parquet file"),
+    ),
+    case(
+        "bad-footer-length.parquet",
+        Fatal("not a readable Parquet file"),
+        Labs,
+        Fatal("not a readable Parquet file"),
+    ),
+    case(
+        "garbage.parquet",
+        Fatal("not a readable Parquet file"),
+        Labs,
+        Fatal("not a readable Parquet file"),
+    ),
+    case(
+        "empty.parquet",
+        Fatal("not a readable Parquet file"),
+        Labs,
+        Fatal("not a readable Parquet file"),
+    ),
+    case("edge-values.parquet", Rows, Labs, Rows),
+    // CSV files that stop a source.
+    case(
+        "empty.csv",
+        Fatal("the file is empty"),
+        Patients,
+        Fatal("the file is empty"),
+    ),
+    case(
+        "only-newlines.csv",
+        Fatal("the file is empty"),
+        Patients,
+        Fatal("the file is empty"),
+    ),
+    case("header-only.csv", Fatal("header only"), Patients, Clean),
+    case(
+        "blank-header.csv",
+        Fatal(":1: column 2 has a blank header"),
+        Patients,
+        Fatal("blank header"),
+    ),
+    case(
+        "duplicate-header.csv",
+        Fatal(":1: header \"mrn\" appears twice"),
+        Patients,
+        Fatal("appears twice"),
+    ),
+    case(
+        "undecodable-header.csv",
+        Fatal(":1: header"),
+        Patients,
+        Fatal("not valid text"),
+    ),
+    case("binary-garbage.csv", Fatal(":1: "), Patients, Fatal(":1: ")),
+    case(
+        "template-text-header.csv",
+        Clean,
+        Patients,
+        Fatal("not in the header"),
+    ),
+    // CSV rows that are rejected one by one while the others go on.
+    case("invalid-utf8.csv", Rows, Patients, Rows),
+    case("nul-bytes.csv", Rows, Patients, Rows),
+    case(
+        "utf16-no-bom.csv",
+        Rows,
+        Patients,
+        Fatal("not in the header"),
+    ),
+    case("unbalanced-quotes.csv", Rows, Patients, Rows),
+    case("ragged.csv", Rows, Patients, Rows),
+    case("stray-quote.csv", Clean, Patients, Clean),
+    case("huge-cell.csv", Clean, Patients, Clean),
+    case("wide-10000-columns.csv", Clean, Patients, Clean),
+    case("edge-dates.csv", Clean, Patients, Rows),
+    case("edge-numbers.csv", Clean, Labs, Rows),
+    case("rtl-combining.csv", Clean, Patients, Clean),
+    case("template-text-patients.csv", Clean, Patients, Rows),
+    case("template-text-labs.csv", Clean, Labs, Rows),
+    case("good-patients.csv", Clean, Patients, Clean),
+];
+
+#[test]
+fn every_corpus_file_is_in_the_table() {
+    let on_disk: BTreeSet<String> = std::fs::read_dir(repo().join("tests/fixtures/bad"))
+        .expect("corpus folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".py") && !n.ends_with(".md"))
+        .collect();
+    let listed: BTreeSet<String> = CASES.iter().map(|c| c.file.to_string()).collect();
+    assert_eq!(on_disk, listed);
+    assert!(listed.len() >= 30, "the corpus has at least 30 files");
+}
+
+fn check_expect(what: &str, file: &str, expect: Expect, f: &Finished) -> Result<(), String> {
+    let ctx = |why: &str| Err(format!("{what} {file}: {why}: {}", f.describe()));
+    match expect {
+        Clean if f.code != Some(0) => ctx("expected exit 0"),
+        Rows if f.code != Some(1) => ctx("expected exit 1"),
+        Fatal(text) => {
+            if f.code != Some(2) {
+                return ctx("expected exit 2");
+            }
+            let Some(line) = f.stderr.lines().find(|l| l.starts_with("error: ")) else {
+                return ctx("no error line");
+            };
+            if !line.contains(file) {
+                return ctx("the error does not name the file");
+            }
+            if !line.contains(text) {
+                return ctx(&format!("expected {text:?}"));
+            }
+            // One clear line, not a wall: a hostile header must not flood the terminal.
+            if line.len() > 2000 {
+                return ctx(&format!("an error line of {} bytes", line.len()));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[test]
+fn inspect_gives_a_clear_error_or_located_row_errors_for_every_hostile_file() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut failures = Vec::new();
+    for c in CASES {
+        let mut cmd = fhirlift();
+        cmd.args(["inspect", "--format", "ndjson"]).arg(bad(c.file));
+        let f = run_bounded(&cmd, scratch.path());
+        if let Err(e) = check_expect("inspect", c.file, c.inspect, &f) {
+            failures.push(e);
+            continue;
+        }
+        if matches!(c.inspect, Clean | Rows) {
+            let mut errors = 0;
+            for line in f.stdout.lines() {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("inspect {}: a line is not JSON ({e})", c.file));
+                let loc = v["_location"].as_str().expect("every row has a location");
+                assert!(loc.starts_with(c.file), "{loc}");
+                if v.get("_errors").is_some() || v.get("_row_error").is_some() {
+                    errors += 1;
+                }
+            }
+            assert_eq!(
+                errors > 0,
+                matches!(c.inspect, Rows),
+                "inspect {}: row errors iff exit 1",
+                c.file
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// A pipeline config reading `file` in `role` through the CIBMTR pack.
+fn corpus_config(dir: &Path, file: &Path, role: Role) -> PathBuf {
+    let sheet = match file.extension().and_then(|e| e.to_str()) {
+        Some("xlsx" | "xls" | "xlsb" | "ods") => "sheet = \"Patients\"\n",
+        _ => "",
+    };
+    let (patients, labs) = match role {
+        Patients => (
+            format!("path = {:?}\n{sheet}", file.display().to_string()),
+            None,
+        ),
+        Labs => (
+            format!(
+                "path = {:?}\n",
+                bad("good-patients.csv").display().to_string()
+            ),
+            Some(format!("path = {:?}\n", file.display().to_string())),
+        ),
+    };
+    let mut config = format!(
+        r#"mappings = [{:?}{}]
+
+[center]
+ccn = "12001"
+
+[defaults]
+timezone = "America/Chicago"
+
+[sources.patients]
+{patients}
+[sources.patients.columns]
+mrn = {{ type = "string" }}
+birth_date = {{ type = "date", formats = ["%m/%d/%Y"] }}
+ssn = {{ type = "string" }}
+"#,
+        repo()
+            .join("mappings/cibmtr-patient.toml")
+            .display()
+            .to_string(),
+        match role {
+            Patients => String::new(),
+            Labs => format!(
+                ", {:?}",
+                repo()
+                    .join("mappings/cibmtr-lab.toml")
+                    .display()
+                    .to_string()
+            ),
+        },
+    );
+    if let Some(labs) = labs {
+        config.push_str(&format!(
+            r#"
+[sources.labs]
+{labs}
+[sources.labs.columns]
+lab_id = {{ type = "string" }}
+mrn = {{ type = "string" }}
+value = {{ type = "decimal" }}
+ref_low = {{ type = "decimal" }}
+ref_high = {{ type = "decimal" }}
+collected_at = {{ type = "datetime" }}
+"#
+        ));
+    }
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
+
+/// Every output NDJSON line is JSON, and every FHIR resource passes R4 validation.
+fn check_outputs(out: &Path, file: &str) -> usize {
+    let mut resources = 0;
+    for entry in std::fs::read_dir(out).expect("output folder") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if !name.ends_with(".ndjson") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("output is UTF-8");
+        for (i, line) in text.lines().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{file}: {name} line {} is not JSON: {e}", i + 1));
+            if name == "crid-requests.ndjson" {
+                continue;
+            }
+            let issues = fhirlift::validate::validate_r4(&v);
+            let errors: Vec<_> = fhirlift::validate::errors(&issues).collect();
+            assert!(
+                errors.is_empty(),
+                "{file}: {name} line {} fails R4: {errors:?}",
+                i + 1
+            );
+            resources += 1;
+        }
+    }
+    resources
+}
+
+#[test]
+fn dry_runs_of_hostile_files_reject_rows_cleanly_and_write_only_valid_fhir() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut failures = Vec::new();
+    for (i, c) in CASES.iter().enumerate() {
+        let dir = scratch.path().join(format!("case-{i}"));
+        std::fs::create_dir_all(&dir).expect("case dir");
+        let config = corpus_config(&dir, &bad(c.file), c.role);
+        let out = dir.join("out");
+        let mut cmd = fhirlift();
+        cmd.args(["run", "--dry-run", "--no-progress", "--bundles", "--out"])
+            .arg(&out)
+            .arg(&config);
+        let f = run_bounded(&cmd, scratch.path());
+        if let Err(e) = check_expect("dry run", c.file, c.dry_run, &f) {
+            failures.push(e);
+            continue;
+        }
+        if matches!(c.dry_run, Fatal(_)) {
+            continue;
+        }
+        check_outputs(&out, c.file);
+        let rejects = std::fs::read_to_string(out.join("rejects.csv")).unwrap_or_default();
+        let mut reader = csv::Reader::from_reader(rejects.as_bytes());
+        let mut n = 0;
+        for rec in reader.records() {
+            let rec = rec.unwrap_or_else(|e| panic!("{}: rejects.csv is CSV: {e}", c.file));
+            n += 1;
+            let location = rec.get(0).unwrap_or_default();
+            assert!(
+                location.starts_with(c.file) || location.starts_with("good-patients.csv"),
+                "{}: a reject is located: {location}",
+                c.file
+            );
+            assert!(
+                !rec.get(3).unwrap_or_default().is_empty(),
+                "{}: a reason",
+                c.file
+            );
+        }
+        assert_eq!(
+            n > 0,
+            matches!(c.dry_run, Rows),
+            "{}: rejects iff exit 1",
+            c.file
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn markup_and_template_text_comes_out_as_plain_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = corpus_config(dir.path(), &bad("template-text-patients.csv"), Patients);
+    let out = dir.path().join("out");
+    let mut cmd = fhirlift();
+    cmd.args(["run", "--dry-run", "--no-progress", "--out"])
+        .arg(&out)
+        .arg(&config);
+    let f = run_bounded(&cmd, dir.path());
+    assert_eq!(f.code, Some(1), "{}", f.describe());
+    let crids = std::fs::read_to_string(out.join("crid-requests.ndjson")).expect("crid requests");
+    let names: BTreeSet<String> = crids
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+            v["patient"]["firstName"]
+                .as_str()
+                .expect("a name")
+                .to_string()
+        })
+        .collect();
+    // Each hostile text arrives exactly as written: not evaluated, not cut, not escaped twice.
+    for text in [
+        "{{ 7*7 }}",
+        "\"}",
+        "</script><script>alert(1)</script>",
+        "{% raw %}",
+        "{{ config }}",
+        "\", \"resourceType\": \"Bundle",
+    ] {
+        assert!(names.contains(text), "{text:?} not kept in {names:?}");
+    }
+    assert!(
+        !crids.contains("\"49\""),
+        "a template expression was evaluated"
+    );
+    let patients = std::fs::read_to_string(out.join("Patient.ndjson")).expect("patients");
+    assert_eq!(
+        patients.lines().count(),
+        10,
+        "one Patient per well-keyed row"
+    );
+    for l in patients.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+        assert_eq!(v["resourceType"], "Patient");
+    }
+}
+
+/// The bug the corpus found first: a workbook with two cells at opposite corners of a sheet made
+/// calamine allocate a grid of 17 billion cells and the process abort.
+#[test]
+fn sparse_bomb_xlsx_is_refused_before_the_grid_is_allocated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = fhirlift();
+    cmd.arg("inspect").arg(bad("sparse-bomb.xlsx"));
+    let f = run_bounded(&cmd, dir.path());
+    assert_eq!(f.code, Some(2), "{}", f.describe());
+    assert!(
+        f.stderr.contains(
+            "sparse-bomb.xlsx[Patients]: refused: its cells span 1048576 rows × 16384 columns"
+        ),
+        "{}",
+        f.describe()
+    );
+}
+
+/// A sheet XML that inflates to hundreds of megabytes from one megabyte is refused by its size
+/// before calamine parses it.
+#[test]
+fn zip_bomb_xlsx_is_refused_by_what_it_inflates_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = fhirlift();
+    cmd.arg("inspect").arg(bad("zip-bomb.xlsx"));
+    let f = run_bounded(&cmd, dir.path());
+    assert_eq!(f.code, Some(2), "{}", f.describe());
+    assert!(
+        f.stderr.contains("inflates past 256 MiB"),
+        "{}",
+        f.describe()
+    );
+    assert!(std::fs::metadata(bad("zip-bomb.xlsx")).expect("bomb").len() < 2 << 20);
+}
