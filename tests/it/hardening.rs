@@ -653,3 +653,168 @@ fn zip_bomb_xlsx_is_refused_by_what_it_inflates_to() {
     );
     assert!(std::fs::metadata(bad("zip-bomb.xlsx")).expect("bomb").len() < 2 << 20);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Template safety
+// ---------------------------------------------------------------------------------------------
+
+/// A pipeline whose only mapping renders `template` (under templates/t/) for each row of a small
+/// labs file.
+fn template_pipeline(dir: &Path, template: &str) -> PathBuf {
+    let tdir = dir.join("templates/t");
+    std::fs::create_dir_all(&tdir).expect("mkdir");
+    std::fs::write(tdir.join("hostile.json.j2"), template).expect("template");
+    let mdir = dir.join("mappings");
+    std::fs::create_dir_all(&mdir).expect("mkdir");
+    std::fs::write(
+        mdir.join("hostile.toml"),
+        "name = \"hostile\"\nsource = \"labs\"\nkind = \"resource\"\nresource_type = \"Observation\"\ntemplate = \"t/hostile.json.j2\"\npatient_key = [\"mrn\"]\nrecord_key = [\"lab_id\"]\nidentifier_system = \"urn:x:lab\"\n",
+    )
+    .expect("mapping");
+    std::fs::write(
+        dir.join("labs.csv"),
+        "lab_id,mrn,value\nA1,900101,12.5\nA2,900101,13.5\n",
+    )
+    .expect("labs");
+    let config = dir.join("pipeline.toml");
+    std::fs::write(
+        &config,
+        "mappings = [\"mappings/hostile.toml\"]\n[center]\nccn = \"12001\"\n[sources.labs]\npath = \"labs.csv\"\n",
+    )
+    .expect("config");
+    config
+}
+
+/// Dry-runs a hostile template; returns the run and the reasons of its rejects.
+fn run_template(template: &str) -> (Finished, Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = template_pipeline(dir.path(), template);
+    let out = dir.path().join("out");
+    let mut cmd = fhirlift();
+    cmd.args(["run", "--dry-run", "--no-progress", "--jobs", "1", "--out"])
+        .arg(&out)
+        .arg(&config)
+        .env("FHIRLIFT_TEST_CANARY", "canary-from-the-environment");
+    let f = run_bounded(&cmd, dir.path());
+    let rejects = std::fs::read_to_string(out.join("rejects.csv")).unwrap_or_default();
+    let reasons = csv::Reader::from_reader(rejects.as_bytes())
+        .records()
+        .map(|r| r.expect("csv")[3].to_string())
+        .collect();
+    (f, reasons, dir)
+}
+
+/// Every way a template might reach a file or the environment fails, and nothing of the file or
+/// the variable reaches any output.
+#[test]
+fn templates_cannot_read_files_or_environment_variables() {
+    let secret_file = std::env::temp_dir().join(format!("fhirlift-canary-{}", std::process::id()));
+    std::fs::write(&secret_file, "canary-from-a-file").expect("canary file");
+    let path = secret_file.display().to_string();
+    let attempts = [
+        format!("{{% include {path:?} %}}"),
+        format!("{{% import {path:?} as x %}}"),
+        format!("{{% extends {path:?} %}}"),
+        "{% include \"../../pipeline.toml\" %}".to_string(),
+        "{% include \"/etc/passwd\" %}".to_string(),
+        "{{ env.FHIRLIFT_TEST_CANARY }}".to_string(),
+        "{{ environ[\"FHIRLIFT_TEST_CANARY\"] }}".to_string(),
+        "{{ getenv(\"FHIRLIFT_TEST_CANARY\") }}".to_string(),
+        "{{ open(\"/etc/passwd\") }}".to_string(),
+        "{{ self.__init__ }}".to_string(),
+        "{{ range.__globals__ }}".to_string(),
+        "{{ lookup(\"/etc/passwd\", \"root\") }}".to_string(),
+    ];
+    for attempt in attempts {
+        let template = format!(
+            "{{\"resourceType\": \"Observation\", \"status\": \"final\", \"note\": {attempt}}}"
+        );
+        let (f, reasons, dir) = run_template(&template);
+        let outputs: String = walk(&dir.path().join("out"))
+            .iter()
+            .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned())
+            .collect();
+        for text in [&f.stdout, &f.stderr, &outputs] {
+            assert!(
+                !text.contains("canary-from"),
+                "{attempt}: leaked\n{}",
+                f.describe()
+            );
+            assert!(!text.contains("root:x:0"), "{attempt}: leaked /etc/passwd");
+            assert!(!text.contains("[center]"), "{attempt}: leaked the config");
+        }
+        // Either the template is refused up front (exit 2) or every row is rejected (exit 1),
+        // with the template named.
+        match f.code {
+            Some(2) => assert!(
+                f.stderr.contains("hostile.json.j2"),
+                "{attempt}: {}",
+                f.describe()
+            ),
+            Some(1) => {
+                assert_eq!(reasons.len(), 2, "{attempt}: every row rejected");
+                for r in &reasons {
+                    assert!(r.contains("hostile.json.j2"), "{attempt}: {r}");
+                }
+            }
+            other => panic!("{attempt}: exit {other:?}\n{}", f.describe()),
+        }
+    }
+    let _ = std::fs::remove_file(&secret_file);
+}
+
+/// A template that would loop for ever (or for 10^10 steps) is stopped by the fuel limit, and
+/// the reject says so and names the template; minijinja's own limits stop deep recursion, huge
+/// ranges and huge repeated strings. Not covered: fuel counts steps, not bytes, so a template
+/// that doubles a string in a loop (`s ~ s`) exhausts memory in a few dozen steps. Templates are
+/// configuration, written and reviewed like code; row data can never become template code (see
+/// `markup_and_template_text_comes_out_as_plain_text`).
+#[test]
+fn a_runaway_template_is_stopped_by_the_fuel_limit() {
+    // (template, what the reason must say)
+    for (runaway, why) in [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+            "fuel",
+        ),
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "fuel",
+        ),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", ""),
+        ("{{ \"x\" * 1000000000 }}", "too large"),
+        (
+            "{% for i in range(1000000000) %}{% endfor %}",
+            "too many elements",
+        ),
+    ] {
+        let template = format!(
+            "{{\"resourceType\": \"Observation\", \"status\": \"final\", \"x\": \"{runaway}\"}}"
+        );
+        let (f, reasons, _dir) = run_template(&template);
+        assert_eq!(f.code, Some(1), "{runaway}: {}", f.describe());
+        assert_eq!(reasons.len(), 2, "{runaway}");
+        for r in &reasons {
+            assert!(r.contains("hostile.json.j2"), "{runaway}: {r}");
+            assert!(r.contains(why), "{runaway}: the reason says why: {r}");
+            eprintln!("{runaway}\n  -> {}", r.lines().next().unwrap_or_default());
+        }
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
