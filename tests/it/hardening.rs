@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::common::{fhirlift, repo};
@@ -817,4 +818,523 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// A standalone sandbox, a recording proxy in front of it, and a registry to load
+// ---------------------------------------------------------------------------------------------
+
+/// Kills a child process when the test ends, however it ends.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `fhirlift sandbox` on 127.0.0.1 with its store in a file.
+struct Sandbox {
+    _child: Reap,
+    base_url: String,
+    db: PathBuf,
+}
+
+impl Sandbox {
+    fn start(dir: &Path, extra: &[&str]) -> Sandbox {
+        use std::io::{BufRead, BufReader};
+        let db = dir.join("sandbox.sqlite");
+        let mut child = fhirlift()
+            .args(["sandbox", "--addr", "127.0.0.1:0", "--db"])
+            .arg(&db)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the sandbox");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let child = Reap(child);
+        let mut lines = BufReader::new(stdout).lines();
+        let base_url = loop {
+            let line = lines
+                .next()
+                .expect("the sandbox prints its base URL")
+                .expect("read the sandbox's output");
+            if let Some(url) = line.trim().strip_prefix("base URL:") {
+                break url.trim().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Sandbox {
+            _child: child,
+            base_url,
+            db,
+        }
+    }
+
+    /// Every stored resource of a type, from the store's dump.
+    fn dump(&self, dir: &Path, resource_type: &str) -> Vec<serde_json::Value> {
+        let out = dir.join(format!("dump-{}", rand::random::<u32>()));
+        let o = fhirlift()
+            .args(["sandbox", "--db"])
+            .arg(&self.db)
+            .arg("--dump")
+            .arg(&out)
+            .output()
+            .expect("dump the sandbox");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join(format!("{resource_type}.ndjson")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("NDJSON line"))
+            .collect()
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that forwards to `upstream` and keeps every byte the server sends,
+/// so a test knows the access tokens the client was given.
+struct Proxy {
+    url: String,
+    from_server: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Proxy {
+    fn start(upstream_url: &str) -> Proxy {
+        use std::net::{TcpListener, TcpStream};
+        let upstream = upstream_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let from_server = Arc::new(Mutex::new(Vec::new()));
+        let seen = from_server.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                pipe(client, server, None);
+                pipe(s2, c2, Some(seen.clone()));
+            }
+        });
+        Proxy { url, from_server }
+    }
+
+    /// Every `access_token` the server handed out through this proxy.
+    fn tokens(&self) -> Vec<String> {
+        let bytes = self.from_server.lock().expect("lock").clone();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut out = Vec::new();
+        for (i, _) in text.match_indices("\"access_token\"") {
+            let rest = &text[i + "\"access_token\"".len()..];
+            let rest = rest.trim_start_matches([':', ' ']).trim_start_matches('"');
+            if let Some(end) = rest.find('"') {
+                out.push(rest[..end].to_string());
+            }
+        }
+        out
+    }
+}
+
+fn pipe(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    record: Option<Arc<Mutex<Vec<u8>>>>,
+) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                    break;
+                }
+                Ok(n) => {
+                    if let Some(r) = &record {
+                        r.lock().expect("lock").extend_from_slice(&buf[..n]);
+                    }
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// A synthetic registry written as the CSV files the shipped pack reads.
+struct Registry {
+    /// (mrn, first, last, birth date, ssn)
+    patients: Vec<(String, String, String, String, String)>,
+    /// lab ids
+    labs: Vec<String>,
+}
+
+impl Registry {
+    /// `patients` patients with `labs_per_patient` labs each. Names, SSNs and birth dates are
+    /// distinctive so that a leak is found by a plain text search.
+    fn generate(patients: usize, labs_per_patient: usize) -> Registry {
+        let mut r = Registry {
+            patients: Vec::new(),
+            labs: Vec::new(),
+        };
+        for p in 0..patients {
+            let mrn = format!("{p:06}");
+            r.patients.push((
+                mrn.clone(),
+                format!("Quillonia{p}x"),
+                format!("Vorthwick{p}y"),
+                format!("19{:02}-{:02}-{:02}", 40 + p % 50, 1 + p % 12, 10 + p % 18),
+                format!("9{:02}-{:02}-{:04}", p % 100, 10 + p % 89, 1000 + p),
+            ));
+            for j in 0..labs_per_patient {
+                r.labs.push(format!("L{mrn}{j:04}"));
+            }
+        }
+        r
+    }
+
+    fn write(&self, dir: &Path) {
+        let mut p = String::from("mrn,first_name,last_name,birth_date,sex,race,ethnicity,ssn\n");
+        for (i, (mrn, first, last, birth, ssn)) in self.patients.iter().enumerate() {
+            let sex = if i % 2 == 0 { "F" } else { "M" };
+            p.push_str(&format!("{mrn},{first},{last},{birth},{sex},W,N,{ssn}\n"));
+        }
+        std::fs::write(dir.join("patients.csv"), p).expect("write patients");
+        let mut l = String::from(
+            "lab_id,mrn,test_code,value,unit,collected_at,ref_low,ref_high,comparator\n",
+        );
+        for (j, id) in self.labs.iter().enumerate() {
+            let mrn = &id[1..7];
+            let (test, unit) = [("HGB", "g/dL"), ("WBC", "K/uL"), ("PLT", "K/uL")][j % 3];
+            l.push_str(&format!(
+                "{id},{mrn},{test},{}.{},{unit},2024-03-01 08:{:02}:00,,,\n",
+                5 + j % 9,
+                j % 10,
+                j % 60
+            ));
+        }
+        std::fs::write(dir.join("labs.csv"), l).expect("write labs");
+    }
+}
+
+/// A pipeline config over the registry's files, sending to `base_url` as a custom target.
+fn live_config(dir: &Path, base_url: &str) -> PathBuf {
+    let config = format!(
+        r#"mappings = [{:?}, {:?}]
+
+[center]
+ccn = "12001"
+
+[defaults]
+timezone = "America/Chicago"
+
+[sources.patients]
+path = "patients.csv"
+[sources.patients.columns]
+mrn = {{ type = "string" }}
+ssn = {{ type = "string" }}
+birth_date = {{ type = "date" }}
+
+[sources.labs]
+path = "labs.csv"
+[sources.labs.columns]
+mrn = {{ type = "string" }}
+value = {{ type = "decimal" }}
+ref_low = {{ type = "decimal" }}
+ref_high = {{ type = "decimal" }}
+collected_at = {{ type = "datetime" }}
+
+[target]
+kind = "custom"
+base_url = {:?}
+token_url = "{}/oauth2/token"
+"#,
+        repo()
+            .join("mappings/cibmtr-patient.toml")
+            .display()
+            .to_string(),
+        repo()
+            .join("mappings/cibmtr-lab.toml")
+            .display()
+            .to_string(),
+        base_url,
+        base_url.trim_end_matches('/'),
+    );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
+
+/// `fhirlift run CONFIG` with credentials in the environment.
+fn live_cmd(config: &Path, secret: &str, password: &str, extra: &[&str]) -> Command {
+    let mut c = fhirlift();
+    c.arg("run")
+        .arg(config)
+        .args(extra)
+        .env("FHIRLIFT_CLIENT_ID", "fhirlift-sandbox")
+        .env("FHIRLIFT_CLIENT_SECRET", secret)
+        .env("FHIRLIFT_USERNAME", "sandbox-user")
+        .env("FHIRLIFT_PASSWORD", password);
+    c
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets and patient data
+// ---------------------------------------------------------------------------------------------
+
+const CLIENT_SECRET: &str = "cs-7Hq2ZpX91vLkWm";
+const PASSWORD: &str = "pw-Rt5uNm3Kd8WqJb";
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+/// Quotes a word for `sh`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Runs `cmd` on a pseudo-terminal (`script`), so that progress bars are drawn, and returns
+/// everything the terminal showed.
+fn on_terminal(cmd: &Command, dir: &Path) -> (Option<i32>, String) {
+    let mut line = sh_quote(&cmd.get_program().to_string_lossy());
+    for a in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&sh_quote(&a.to_string_lossy()));
+    }
+    let typescript = dir.join(format!("typescript-{}", rand::random::<u32>()));
+    let mut script = Command::new("script");
+    script.args(["-q", "-e", "-c", &line]).arg(&typescript);
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    let f = run_bounded(&script, dir);
+    let shown =
+        String::from_utf8_lossy(&std::fs::read(&typescript).unwrap_or_default()).into_owned();
+    (f.code, shown)
+}
+
+/// Whole-pipeline runs, dry and live (through a recording proxy into a standalone sandbox), at
+/// every log level: nothing secret and no patient value may appear in stderr, stdout, the log
+/// file, the reports, the error messages or the progress output. At `fhirlift=trace` secrets and
+/// tokens still never appear; patient values may (that is what TRACE is for), and the test
+/// prints which ones did.
+#[test]
+fn no_secret_token_or_patient_value_reaches_logs_reports_errors_or_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let sb = Sandbox::start(
+        d,
+        &[
+            "--client-secret",
+            CLIENT_SECRET,
+            "--password",
+            PASSWORD,
+            // Short-lived tokens: several are issued during the runs.
+            "--token-ttl",
+            "2",
+        ],
+    );
+    let proxy = Proxy::start(&sb.base_url);
+    let reg = Registry::generate(8, 5);
+    reg.write(d);
+    // Rows that are rejected, so that error messages and the rejects file are written: a birth
+    // date that does not exist, and a lab with an unknown code.
+    let mut p = std::fs::read_to_string(d.join("patients.csv")).expect("patients");
+    p.push_str("000900,Xanthippa,Grumbleton,1961-02-30,F,W,N,955-44-3322\n");
+    std::fs::write(d.join("patients.csv"), p).expect("patients");
+    let mut l = std::fs::read_to_string(d.join("labs.csv")).expect("labs");
+    l.push_str("LBAD00001,000001,NOPE,1.0,g/dL,2024-03-01 08:30:00,,,\n");
+    std::fs::write(d.join("labs.csv"), l).expect("labs");
+    let config = live_config(d, &proxy.url);
+
+    let mut personal: Vec<String> = vec![
+        "Xanthippa".into(),
+        "Grumbleton".into(),
+        "1961-02-30".into(),
+        "955-44-3322".into(),
+        "955443322".into(),
+    ];
+    for (_, first, last, birth, ssn) in &reg.patients {
+        personal.extend([
+            first.clone(),
+            last.clone(),
+            birth.clone(),
+            ssn.clone(),
+            ssn.replace('-', ""),
+        ]);
+    }
+    let secrets = [CLIENT_SECRET.to_string(), PASSWORD.to_string()];
+
+    // (what, level, text) of everything that must stay clean.
+    let mut seen: Vec<(String, Option<&str>, String)> = Vec::new();
+    let read_all = |paths: &[PathBuf]| -> String {
+        paths
+            .iter()
+            .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    for (i, level) in [None, Some("info"), Some("debug"), Some("fhirlift=trace")]
+        .into_iter()
+        .enumerate()
+    {
+        for log_file in [false, true] {
+            let tag = format!("{i}-{log_file}");
+            let log = d.join(format!("log-{tag}.txt"));
+            let with_level = |mut c: Command| {
+                match level {
+                    Some(l) => c.env("RUST_LOG", l),
+                    None => c.env_remove("RUST_LOG"),
+                };
+                if log_file {
+                    c.arg("--log-file").arg(&log);
+                }
+                c
+            };
+
+            // Dry run.
+            let out = d.join(format!("out-{tag}"));
+            let mut c = fhirlift();
+            c.args(["run", "--dry-run", "--no-progress", "--out"])
+                .arg(&out)
+                .arg(&config);
+            let f = run_bounded(&with_level(c), d);
+            assert_eq!(f.code, Some(1), "dry run {tag}: {}", f.describe());
+            for file in walk(&out) {
+                assert_eq!(mode(&file), 0o600, "{} is private", file.display());
+            }
+            let rejects = std::fs::read_to_string(out.join("rejects.csv")).expect("rejects");
+            let reasons: String = csv::Reader::from_reader(rejects.as_bytes())
+                .records()
+                .map(|r| r.expect("csv")[3].to_string())
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(reasons.contains("birth_date"), "{reasons}");
+            seen.push((
+                format!("dry run {tag} stdout+stderr"),
+                level,
+                f.stdout + &f.stderr,
+            ));
+            seen.push((format!("dry run {tag} reject reasons"), None, reasons));
+            seen.push((
+                format!("dry run {tag} report and manifest"),
+                None,
+                read_all(&[out.join("report.json"), out.join("manifest.json")]),
+            ));
+            // The personal-data files still hold no secret.
+            seen.push((
+                format!("dry run {tag} all files"),
+                Some("secrets only"),
+                read_all(&walk(&out)),
+            ));
+
+            // Live run with a fresh state directory (so that every resource is looked up again).
+            let state = d.join(format!("state-{tag}"));
+            let mut c = live_cmd(
+                &config,
+                CLIENT_SECRET,
+                PASSWORD,
+                &["--no-progress", "--state"],
+            );
+            c.arg(&state);
+            let f = run_bounded(&with_level(c), d);
+            assert_eq!(f.code, Some(1), "live run {tag}: {}", f.describe());
+            seen.push((
+                format!("live run {tag} stdout+stderr"),
+                level,
+                f.stdout + &f.stderr,
+            ));
+            let state_files = walk(&state);
+            assert!(!state_files.is_empty());
+            // The rejects file keeps the raw cells of rejected rows (that is its job) and is
+            // private; nothing else in the state directory holds a personal value: the ledger
+            // keeps keys and hashes, the reports counts, locations and reasons. There is no CRID
+            // request log: the loader writes none.
+            let (rejects, others): (Vec<PathBuf>, Vec<PathBuf>) = state_files
+                .into_iter()
+                .partition(|p| p.file_name().is_some_and(|n| n == "rejects.csv"));
+            assert_eq!(rejects.len(), 1, "live run {tag} writes its rejects");
+            for file in rejects.iter().chain(&others) {
+                let name = file.file_name().unwrap_or_default().to_string_lossy();
+                assert!(!name.contains("crid"), "a CRID log: {}", file.display());
+                if name.ends_with(".json") || name.ends_with(".csv") {
+                    assert_eq!(mode(file), 0o600, "{} is private", file.display());
+                }
+            }
+            seen.push((
+                format!("live run {tag} state directory"),
+                None,
+                read_all(&others),
+            ));
+            seen.push((
+                format!("live run {tag} rejects"),
+                Some("secrets only"),
+                read_all(&rejects),
+            ));
+            if log_file {
+                let text = std::fs::read_to_string(&log).expect("the log file");
+                seen.push((format!("log file {tag}"), level, text));
+            }
+        }
+    }
+
+    // Progress output, drawn on a terminal.
+    let mut c = fhirlift();
+    c.args(["run", "--dry-run", "--out"])
+        .arg(d.join("out-tty"))
+        .arg(&config);
+    let (code, shown) = on_terminal(&c, d);
+    assert_eq!(code, Some(1), "{shown}");
+    seen.push(("dry run on a terminal".into(), None, shown));
+    let mut c = live_cmd(&config, CLIENT_SECRET, PASSWORD, &["--state"]);
+    c.arg(d.join("state-tty"));
+    let (code, shown) = on_terminal(&c, d);
+    assert_eq!(code, Some(1), "{shown}");
+    seen.push(("live run on a terminal".into(), None, shown));
+
+    let tokens = proxy.tokens();
+    assert!(tokens.len() >= 8, "the runs were given tokens: {tokens:?}");
+    let mut at_trace = BTreeSet::new();
+    for (what, level, text) in &seen {
+        for s in secrets.iter().chain(&tokens) {
+            assert!(
+                !text.contains(s.as_str()),
+                "{what}: a secret or token appears"
+            );
+        }
+        match *level {
+            Some("secrets only") => {}
+            Some(l) if l.contains("trace") => {
+                for v in &personal {
+                    if text.contains(v.as_str()) {
+                        at_trace.insert(v.clone());
+                    }
+                }
+            }
+            _ => {
+                for v in &personal {
+                    assert!(
+                        !text.contains(v.as_str()),
+                        "{what}: the patient value {v:?} appears:\n{}",
+                        tail(text, 3000)
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("patient values seen at fhirlift=trace: {at_trace:?}");
 }
