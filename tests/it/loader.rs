@@ -632,3 +632,25 @@ fn new_patients_travel_in_bundles_with_their_resources_and_a_bad_one_is_isolated
     assert_eq!(sb.stats().resources("Observation"), 23);
     assert_eq!(sb.stats().resources("Patient"), 6);
 }
+
+#[test]
+fn one_person_under_two_record_keys_gets_one_patient() {
+    for bundle in [0, 50] {
+        let sb = start(SandboxConfig::default());
+        let (mut p, o) = synthetic::generate(4, 3, CCN, &FhirUris::default());
+        // Rows 0 and 3 describe the same person: the CRID service answers the same CRID.
+        p[3].crid_demographics = p[0].crid_demographics.clone();
+        let mut c = config_for(&sb);
+        c.bundle_size = bundle;
+        let (out, summary) = load(c, None, p, o.clone()).unwrap();
+        assert_settled(&out);
+        assert_eq!(summary.rejected, 0, "{out:#?}");
+        assert_eq!(sb.stats().resources("Patient"), 3, "bundle size {bundle}");
+        assert_eq!(out[0].server_id, out[3].server_id);
+        // Whichever came first created the Patient; the other reused it.
+        let mut both = [out[0].status, out[3].status];
+        both.sort_by_key(|s| format!("{s:?}"));
+        assert_eq!(both, [OutcomeStatus::Created, OutcomeStatus::Unchanged]);
+        assert_exactly_once(&sb, &out[4..], &o);
+    }
+}
