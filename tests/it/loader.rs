@@ -654,3 +654,32 @@ fn one_person_under_two_record_keys_gets_one_patient() {
         assert_exactly_once(&sb, &out[4..], &o);
     }
 }
+
+#[test]
+fn a_generic_fhir_target_takes_the_crid_from_a_column_and_never_calls_the_crid_service() {
+    let sb = start(SandboxConfig::default());
+    let mut c = config_for(&sb);
+    // `kind = "fhir"`: the FHIR base is given directly, no `PUT /CRID`.
+    c.endpoints = Endpoints {
+        kind: TargetKind::Fhir,
+        crid_url: None,
+        fhir_base: url::Url::parse(&format!("{}/r4/", sb.base_url())).unwrap(),
+        token_url: c.endpoints.token_url.clone(),
+    };
+    c.crid = fhirlift::config::CridMode::Column {
+        column: "crid".into(),
+    };
+    let (mut p, o) = synthetic::generate(3, 2, CCN, &FhirUris::default());
+    p[0].known_crid = Some("1982897480019337".into());
+    p[1].known_crid = Some("77".into());
+    p[2].known_crid = Some("not a number".into());
+    let (out, summary) = load(c, None, p, o).unwrap();
+    assert_eq!((summary.created, summary.rejected), (6, 3), "{out:#?}");
+    assert!(
+        out[2].message.as_deref().unwrap().contains("CRID column"),
+        "{:?}",
+        out[2]
+    );
+    assert_eq!(sb.stats().requests_total("crid"), 0);
+    assert_eq!(sb.stats().resources("Patient"), 2);
+}
