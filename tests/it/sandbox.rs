@@ -2,7 +2,7 @@
 //! on an ephemeral port.
 #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
-use fhirlift::sandbox::{SandboxConfig, SandboxHandle};
+use fhirlift::sandbox::{Account, SandboxConfig, SandboxHandle};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -255,4 +255,483 @@ fn handle_reports_its_urls() {
         format!("http://127.0.0.1:{port}/oauth2/token")
     );
     sb.shutdown();
+}
+
+fn two_center_config() -> SandboxConfig {
+    SandboxConfig {
+        accounts: vec![
+            Account {
+                ccns: vec!["12001".into(), "12002".into()],
+                ..Account::default()
+            },
+            Account {
+                client_id: "other-center".into(),
+                client_secret: "other-secret".into(),
+                ccns: vec!["12002".into()],
+                ..Account::default()
+            },
+        ],
+        ..SandboxConfig::default()
+    }
+}
+
+fn expressions(outcome: &Value) -> Vec<String> {
+    outcome["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["expression"].as_array().cloned().unwrap_or_default())
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn token_form(
+    c: &reqwest::Client,
+    sb: &SandboxHandle,
+    basic: Option<(&str, &str)>,
+    form: &[(&str, &str)],
+) -> (StatusCode, Value) {
+    let mut req = c.post(sb.token_url()).form(form);
+    if let Some((id, secret)) = basic {
+        req = req.basic_auth(id, Some(secret));
+    }
+    let r = req.send().await.unwrap();
+    let s = r.status();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_grants_and_errors() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let good = Some(("fhirlift-sandbox", "sandbox-secret"));
+    let pw = [
+        ("grant_type", "password"),
+        ("username", "sandbox-user"),
+        ("password", "sandbox-password"),
+    ];
+    let (s, v) = token_form(&c, &sb, good, &pw).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["token_type"], "Bearer");
+    assert_eq!(v["expires_in"], 1800);
+    assert_eq!(v["scope"], "api_cibmtr_fhir_ehr_client");
+
+    // client_credentials, with the client authenticating in the form body.
+    let (s, v) = token_form(
+        &c,
+        &sb,
+        None,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", "fhirlift-sandbox"),
+            ("client_secret", "sandbox-secret"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v["access_token"].as_str().unwrap().len() > 1000);
+
+    let (s, v) = token_form(&c, &sb, Some(("fhirlift-sandbox", "wrong")), &pw).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_client"))
+    );
+    let (s, v) = token_form(&c, &sb, None, &pw).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_client"))
+    );
+    let (s, v) = token_form(
+        &c,
+        &sb,
+        good,
+        &[
+            ("grant_type", "password"),
+            ("username", "sandbox-user"),
+            ("password", "nope"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_grant"))
+    );
+    let (s, v) = token_form(&c, &sb, good, &[("grant_type", "authorization_code")]).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("unsupported_grant_type"))
+    );
+    let (s, v) = token_form(&c, &sb, good, &[("username", "sandbox-user")]).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    let mut with_scope = pw.to_vec();
+    with_scope.push(("scope", "admin"));
+    let (s, v) = token_form(&c, &sb, good, &with_scope).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_scope"))
+    );
+    assert_eq!(sb.stats().requests("token", "200"), 2);
+    assert_eq!(sb.stats().requests("token", "401"), 2);
+    assert_eq!(sb.stats().requests("token", "400"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_missing_and_expired_tokens_get_401() {
+    let sb = start(SandboxConfig {
+        token_ttl_secs: 0,
+        ..SandboxConfig::default()
+    });
+    let c = client();
+    let base = sb.base_url();
+    // A zero lifetime issues tokens that are expired on arrival.
+    let expired = token(&c, &sb).await;
+    for tok in [expired.as_str(), "not-a-token"] {
+        let (s, v) = get(&c, format!("{base}/r4/Patient"), tok).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        let (s, v) = put_crid(&c, &sb, tok, &json!({})).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(v["errorMessage"].is_string());
+    }
+    let r = c.get(format!("{base}/r4/metadata")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+}
+
+fn crid_body(p: Value) -> Value {
+    json!({"ccn": "12001", "patient": p})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crid_validation_errors_name_the_field() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let tok = token(&c, &sb).await;
+    let ok =
+        json!({"firstName": "Ana", "lastName": "Souza", "birthDate": "1975-04-09", "gender": "F"});
+    let with = |k: &str, v: Value| {
+        let mut p = ok.clone();
+        p[k] = v;
+        crid_body(p)
+    };
+    let without = |k: &str| {
+        let mut p = ok.clone();
+        p.as_object_mut().unwrap().remove(k);
+        crid_body(p)
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"patient": ok.clone()}), "ccn"),
+        (json!({"ccn": "1200", "patient": ok.clone()}), "ccn"),
+        (json!({"ccn": 12001, "patient": ok.clone()}), "ccn"),
+        (json!({"ccn": "12001"}), "patient"),
+        (without("firstName"), "firstName"),
+        (without("lastName"), "lastName"),
+        (without("birthDate"), "birthDate"),
+        (without("gender"), "gender"),
+        (with("birthDate", json!("09/04/1975")), "birthDate"),
+        (with("gender", json!("U")), "gender"),
+        (with("ssn", json!("123456789")), "ssn"),
+        (with("race", json!(["white"])), "race"),
+        (with("race", json!("2106-3")), "race"),
+        (with("ethnicity", json!("H")), "ethnicity"),
+        (with("nmdpRid", json!("12")), "nmdpRid"),
+        (with("cibmtrTeam", json!(1.5)), "cibmtrTeam"),
+        (with("ssn", Value::Null), "ssn"),
+        (with("dob", json!("1975-04-09")), "dob"),
+    ];
+    for (body, field) in cases {
+        let (s, v) = put_crid(&c, &sb, &tok, &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        let msg = v["errorMessage"].as_str().unwrap();
+        assert!(msg.contains(field), "{msg} should name {field}");
+        assert!(
+            !msg.contains("Souza") && !msg.contains("1975"),
+            "no values in errors: {msg}"
+        );
+    }
+    let r = c
+        .put(format!("{}/CRID", sb.base_url()))
+        .bearer_auth(&tok)
+        .header("Content-Type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // A CCN the token is not entitled to.
+    let mut other = crid_body(ok.clone());
+    other["ccn"] = json!("99999");
+    let (s, v) = put_crid(&c, &sb, &tok, &other).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(v["errorMessage"].is_string());
+    assert_eq!(sb.stats().crids_assigned, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crid_matching_is_stable() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let tok = token(&c, &sb).await;
+    let base =
+        json!({"firstName": "José", "lastName": "Núñez", "birthDate": "1961-12-01", "gender": "M"});
+    let (s, v) = put_crid(&c, &sb, &tok, &crid_body(base.clone())).await;
+    assert_eq!(s, StatusCode::OK);
+    let crid = v["crid"].as_u64().unwrap();
+    assert!(v.get("perfectMatch").is_none());
+
+    // Same demographics, case and accents aside: a perfect match on names.
+    let (_, v) = put_crid(
+        &c,
+        &sb,
+        &tok,
+        &crid_body(json!({"firstName": "JOSE", "lastName": "nunez", "birthDate": "1961-12-01", "gender": "M", "ssn": "111-22-3333"})),
+    )
+    .await;
+    assert_eq!(v["perfectMatch"].as_array().unwrap().len(), 1);
+    assert_eq!(v["perfectMatch"][0]["crid"].as_u64(), Some(crid));
+    assert_eq!(v["perfectMatch"][0]["matchType"], "Perfect1");
+    assert_eq!(
+        v["perfectMatch"][0]["matchedCriteria"],
+        json!(["FirstName", "LastName", "Gender", "DateOfBirth"])
+    );
+    // SSN + birth date + gender, whatever the names.
+    let (_, v) = put_crid(
+        &c,
+        &sb,
+        &tok,
+        &crid_body(json!({"firstName": "Joe", "lastName": "N", "birthDate": "1961-12-01", "gender": "M", "ssn": "111-22-3333"})),
+    )
+    .await;
+    assert_eq!(v["perfectMatch"][0]["crid"].as_u64(), Some(crid));
+    assert_eq!(
+        v["perfectMatch"][0]["matchedCriteria"],
+        json!(["SSN", "Gender", "DateOfBirth"])
+    );
+    // Another gender or birth date is another person.
+    let mut other = base.clone();
+    other["gender"] = json!("F");
+    let (_, v) = put_crid(&c, &sb, &tok, &crid_body(other)).await;
+    let crid2 = v["crid"].as_u64().unwrap();
+    assert_ne!(crid2, crid);
+    // Asking again always gives the same answer.
+    for _ in 0..3 {
+        let (_, v) = put_crid(&c, &sb, &tok, &crid_body(base.clone())).await;
+        assert_eq!(v["perfectMatch"][0]["crid"].as_u64(), Some(crid));
+    }
+    assert_eq!(sb.stats().crids_assigned, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_update_read_versions_and_errors() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let base = sb.base_url();
+    let tok = token(&c, &sb).await;
+    let (s, loc, p) = post(
+        &c,
+        format!("{base}/r4/Patient"),
+        &tok,
+        &patient("12001", "4000001"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let pid = id_from_location(&loc.unwrap());
+    assert!(p["meta"]["lastUpdated"].as_str().unwrap().ends_with('Z'));
+
+    let (s, read) = get(&c, format!("{base}/r4/Patient/{pid}"), &tok).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(read, p);
+
+    let mut changed = read.clone();
+    changed["gender"] = json!("female");
+    let r = c
+        .put(format!("{base}/r4/Patient/{pid}"))
+        .bearer_auth(&tok)
+        .header("Content-Type", FHIR_JSON)
+        .body(changed.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["etag"], "W/\"2\"");
+    assert!(
+        r.headers()["location"]
+            .to_str()
+            .unwrap()
+            .ends_with(&format!("/r4/Patient/{pid}/_history/2"))
+    );
+    let (_, read) = get(&c, format!("{base}/r4/Patient/{pid}"), &tok).await;
+    assert_eq!(read["meta"]["versionId"], "2");
+    assert_eq!(read["gender"], "female");
+
+    // Update of an unknown id: 404 (no update-as-create); id mismatch: 400.
+    let mut ghost = changed.clone();
+    ghost["id"] = json!("999999");
+    let put = |url: String, body: Value| {
+        c.put(url)
+            .bearer_auth(&tok)
+            .header("Content-Type", FHIR_JSON)
+            .body(body.to_string())
+            .send()
+    };
+    let r = put(format!("{base}/r4/Patient/999999"), ghost)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = put(format!("{base}/r4/Patient/{pid}"), patient("12001", "1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(expressions(&v), vec!["Patient.id"]);
+
+    for id in ["999999", "abc"] {
+        let (s, v) = get(&c, format!("{base}/r4/Patient/{id}"), &tok).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        assert_eq!(v["issue"][0]["code"], "not-found");
+    }
+    // A Patient id read as an Observation does not exist.
+    let (s, _) = get(&c, format!("{base}/r4/Observation/{pid}"), &tok).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(sb.stats().requests("update:Patient", "200"), 1);
+    assert_eq!(sb.stats().requests("update:Patient", "404"), 1);
+    assert_eq!(sb.stats().requests("read:Patient", "404"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn center_rules_and_invalid_resources() {
+    let sb = start(two_center_config());
+    let c = client();
+    let base = sb.base_url();
+    let tok = token(&c, &sb).await;
+    let other = token_for(&c, &sb, "other-center", "other-secret").await;
+
+    // Missing label: 422 naming meta.security.
+    let mut p = patient("12001", "1");
+    p["meta"]["security"] = json!([]);
+    let (s, _, v) = post(&c, format!("{base}/r4/Patient"), &tok, &p).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(expressions(&v), vec!["Patient.meta.security"]);
+    // Malformed label code.
+    p["meta"]["security"] = json!([{"system": SEC, "code": "rc_1200"}]);
+    let (s, _, v) = post(&c, format!("{base}/r4/Patient"), &tok, &p).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(expressions(&v), vec!["Patient.meta.security[0].code"]);
+    // A center the token may not use.
+    let (s, _, v) = post(
+        &c,
+        format!("{base}/r4/Patient"),
+        &other,
+        &patient("12001", "1"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(v["issue"][0]["code"], "forbidden");
+    // Malformed JSON.
+    let r = c
+        .post(format!("{base}/r4/Patient"))
+        .bearer_auth(&tok)
+        .header("Content-Type", FHIR_JSON)
+        .body("{\"resourceType\": \"Patient\",")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["resourceType"], "OperationOutcome");
+    // Wrong content type.
+    let r = c
+        .post(format!("{base}/r4/Patient"))
+        .bearer_auth(&tok)
+        .header("Content-Type", "application/xml")
+        .body("<Patient/>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // resourceType that does not match the URL.
+    let (s, _, v) = post(
+        &c,
+        format!("{base}/r4/Observation"),
+        &tok,
+        &patient("12001", "1"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(expressions(&v), vec!["Observation.resourceType"]);
+    // Invalid R4: an Observation without status.
+    let (_, loc, _) = post(
+        &c,
+        format!("{base}/r4/Patient"),
+        &tok,
+        &patient("12001", "5"),
+    )
+    .await;
+    let pid = id_from_location(&loc.unwrap());
+    let mut o = observation("12001", &format!("Patient/{pid}"), "x");
+    o.as_object_mut().unwrap().remove("status");
+    let (s, _, v) = post(&c, format!("{base}/r4/Observation"), &tok, &o).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        expressions(&v).contains(&"Observation.status".to_string()),
+        "{v}"
+    );
+    // A subject that does not exist.
+    let o = observation("12001", "Patient/987654", "y");
+    let (s, _, v) = post(&c, format!("{base}/r4/Observation"), &tok, &o).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(expressions(&v), vec!["Observation.subject.reference"]);
+    // The other center cannot read, update or refer to this center's Patient.
+    let (s, _) = get(&c, format!("{base}/r4/Patient/{pid}"), &other).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = post(
+        &c,
+        format!("{base}/r4/Observation"),
+        &other,
+        &observation("12002", &format!("Patient/{pid}"), "z"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(sb.stats().resources("Patient"), 1);
+    assert_eq!(sb.stats().resources("Observation"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patients_are_redacted_on_store() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let base = sb.base_url();
+    let tok = token(&c, &sb).await;
+    let mut p = patient("12001", "4000123");
+    p["name"] = json!([{"family": "Souza", "given": ["Ana"]}]);
+    p["identifier"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123-45-6789"}));
+    p["gender"] = json!("female");
+    p["birthDate"] = json!("1975-04-09");
+    let (s, loc, created) = post(&c, format!("{base}/r4/Patient"), &tok, &p).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (_, stored) = get(
+        &c,
+        format!("{base}/r4/Patient/{}", id_from_location(&loc.unwrap())),
+        &tok,
+    )
+    .await;
+    assert_eq!(stored, created);
+    let text = stored.to_string();
+    assert!(
+        !text.contains("Souza") && !text.contains("123-45-6789"),
+        "{text}"
+    );
+    assert_eq!(stored["identifier"].as_array().unwrap().len(), 1);
+    assert_eq!(stored["gender"], "female");
+    let labels = stored["meta"]["security"].as_array().unwrap();
+    assert!(labels.iter().any(|l| l["code"] == "REDACTED"));
+    assert!(labels.iter().any(|l| l["code"] == "rc_12001"));
+    assert_eq!(stored["text"]["status"], "generated");
 }
