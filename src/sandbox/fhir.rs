@@ -808,6 +808,13 @@ fn resolve_references(v: &mut Value, map: &HashMap<String, String>) {
     }
 }
 
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Pass {
+    CreatePatients,
+    CreateOthers,
+    Update,
+}
+
 enum EntryOp {
     Create { tdef: &'static TypeDef, id: i64 },
     Update { tdef: &'static TypeDef, id: String },
@@ -937,13 +944,17 @@ pub fn transaction(store: &mut Store, ctx: &Ctx<'_>, raw: &[u8]) -> Result<FhirO
                 }
             }
         }
-        // FHIR processing order: creates before updates; answers stay in entry order.
+        // FHIR processing order: creates before updates. Patients are created first because
+        // the other types' `subject` must name a Patient that exists. Answers stay in entry order.
         let mut out: Vec<Value> = vec![Value::Null; entries.len()];
-        for creates in [true, false] {
+        for pass in [Pass::CreatePatients, Pass::CreateOthers, Pass::Update] {
             for (i, op) in ops.iter().enumerate() {
                 let prefix = format!("Bundle.entry[{i}].resource");
                 match op {
-                    EntryOp::Create { tdef, id } if creates => {
+                    EntryOp::Create { tdef, id }
+                        if pass == Pass::CreatePatients && tdef.name == "Patient"
+                            || pass == Pass::CreateOthers && tdef.name != "Patient" =>
+                    {
                         let Some(resource) = resources[i].take() else {
                             continue;
                         };
@@ -957,7 +968,7 @@ pub fn transaction(store: &mut Store, ctx: &Ctx<'_>, raw: &[u8]) -> Result<FhirO
                             }
                         });
                     }
-                    EntryOp::Update { tdef, id } if !creates => {
+                    EntryOp::Update { tdef, id } if pass == Pass::Update => {
                         let Some(resource) = resources[i].take() else {
                             continue;
                         };

@@ -735,3 +735,369 @@ async fn patients_are_redacted_on_store() {
     assert!(labels.iter().any(|l| l["code"] == "rc_12001"));
     assert_eq!(stored["text"]["status"], "generated");
 }
+
+fn total(bundle: &Value) -> u64 {
+    bundle["total"].as_u64().unwrap()
+}
+
+fn ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_parameters_and_token_semantics() {
+    let sb = start(two_center_config());
+    let c = client();
+    let base = sb.base_url();
+    let tok = token(&c, &sb).await;
+    let other = token_for(&c, &sb, "other-center", "other-secret").await;
+    let mut pids = Vec::new();
+    for (ccn, crid) in [("12001", "100"), ("12001", "200"), ("12002", "300")] {
+        let (s, loc, _) = post(&c, format!("{base}/r4/Patient"), &tok, &patient(ccn, crid)).await;
+        assert_eq!(s, StatusCode::CREATED);
+        pids.push(id_from_location(&loc.unwrap()));
+    }
+    // An identifier without a system.
+    let mut nosys = patient("12001", "x");
+    nosys["identifier"] = json!([{"value": "100"}]);
+    let (_, loc, _) = post(&c, format!("{base}/r4/Patient"), &tok, &nosys).await;
+    let nosys_id = id_from_location(&loc.unwrap());
+    let q = |query: &str| format!("{base}/r4/Patient?{query}");
+
+    let (_, b) = get(&c, q(&format!("identifier={CRID}%7C100")), &tok).await;
+    assert_eq!(ids(&b), vec![pids[0].clone()]);
+    let (_, b) = get(&c, q("identifier=100"), &tok).await;
+    assert_eq!(ids(&b), vec![pids[0].clone(), nosys_id.clone()]);
+    let (_, b) = get(&c, q("identifier=%7C100"), &tok).await;
+    assert_eq!(ids(&b), vec![nosys_id.clone()]);
+    let (_, b) = get(&c, q(&format!("identifier={CRID}%7C")), &tok).await;
+    assert_eq!(total(&b), 3);
+    let (_, b) = get(
+        &c,
+        q(&format!("identifier={CRID}%7C100,{CRID}%7C300")),
+        &tok,
+    )
+    .await;
+    assert_eq!(ids(&b), vec![pids[0].clone(), pids[2].clone()]);
+    let (_, b) = get(&c, q(&format!("_security={SEC}%7Crc_12002")), &tok).await;
+    assert_eq!(ids(&b), vec![pids[2].clone()]);
+    let (_, b) = get(
+        &c,
+        q(&format!(
+            "_security={SEC}%7Crc_12001&identifier={CRID}%7C300"
+        )),
+        &tok,
+    )
+    .await;
+    assert_eq!(total(&b), 0);
+    assert!(b.get("entry").is_none());
+    // Another center only sees its own resources.
+    let (_, b) = get(&c, q(""), &other).await;
+    assert_eq!(ids(&b), vec![pids[2].clone()]);
+
+    // Observations: subject, patient, patient.identifier, code, identifier.
+    for (i, pid) in pids.iter().take(2).enumerate() {
+        for n in 0..2 {
+            let mut o = observation("12001", &format!("Patient/{pid}"), &format!("o{i}{n}"));
+            if n == 1 {
+                o["code"]["coding"][0]["code"] = json!("2345-7");
+            }
+            let (s, _, v) = post(&c, format!("{base}/r4/Observation"), &tok, &o).await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+        }
+    }
+    let oq = |query: String| format!("{base}/r4/Observation?{query}");
+    let p0 = &pids[0];
+    for query in [
+        format!("subject=Patient/{p0}"),
+        format!("patient={p0}"),
+        format!("patient=Patient/{p0}"),
+        format!("subject={base}/r4/Patient/{p0}"),
+        format!("patient.identifier={CRID}%7C100"),
+        "patient.identifier=100".to_string(),
+    ] {
+        let (s, b) = get(&c, oq(query.clone()), &tok).await;
+        assert_eq!(s, StatusCode::OK, "{query}");
+        assert_eq!(total(&b), 2, "{query}");
+    }
+    let (_, b) = get(&c, oq("code=http://loinc.org%7C2345-7".into()), &tok).await;
+    assert_eq!(total(&b), 2);
+    let (_, b) = get(&c, oq(format!("code=2345-7&patient={p0}")), &tok).await;
+    assert_eq!(total(&b), 1);
+    let (_, b) = get(&c, oq("identifier=urn:fhirlift:test%7Co11".into()), &tok).await;
+    assert_eq!(total(&b), 1);
+    let (_, b) = get(&c, oq("patient=nonsense".into()), &tok).await;
+    assert_eq!(total(&b), 0);
+
+    // _summary=count: the total only.
+    let (_, b) = get(&c, oq("_summary=count".into()), &tok).await;
+    assert_eq!(total(&b), 4);
+    assert!(b.get("entry").is_none());
+
+    // Unknown parameters and bad values are errors, not silently ignored.
+    for bad in [
+        "name=Ana",
+        "identifier:of-type=x",
+        "_count=many",
+        "_summary=true",
+        "identifier=",
+    ] {
+        let (s, v) = get(&c, q(bad), &tok).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(v["resourceType"], "OperationOutcome");
+    }
+    let (s, _) = get(&c, oq("code:text=x".into()), &tok).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_pages_follow_next_links() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let base = sb.base_url();
+    let tok = token(&c, &sb).await;
+    let mut created = Vec::new();
+    for i in 0..7 {
+        let (_, loc, _) = post(
+            &c,
+            format!("{base}/r4/Patient"),
+            &tok,
+            &patient("12001", &i.to_string()),
+        )
+        .await;
+        created.push(id_from_location(&loc.unwrap()));
+    }
+    let mut url = Some(format!(
+        "{base}/r4/Patient?_security={SEC}%7Crc_12001&_count=3"
+    ));
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    while let Some(u) = url {
+        let (s, b) = get(&c, u, &tok).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(b["type"], "searchset");
+        assert_eq!(total(&b), 7);
+        let page = ids(&b);
+        assert!(page.len() <= 3);
+        seen.extend(page);
+        pages += 1;
+        url = b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, created);
+    // The default page size is 20 and _count is capped.
+    let (_, b) = get(&c, format!("{base}/r4/Patient?_count=0"), &tok).await;
+    assert_eq!(total(&b), 7);
+    assert!(b.get("entry").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_are_all_or_nothing() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let base = sb.base_url();
+    let tok = token(&c, &sb).await;
+    let (_, loc, existing) = post(
+        &c,
+        format!("{base}/r4/Patient"),
+        &tok,
+        &patient("12001", "1"),
+    )
+    .await;
+    let existing_id = id_from_location(&loc.unwrap());
+    let pfull = "urn:uuid:0d6f7a7e-1111-4000-8000-000000000001";
+    let mut updated = existing.clone();
+    updated["gender"] = json!("male");
+    let good = json!({
+        "resourceType": "Bundle", "type": "transaction",
+        "entry": [
+            {"resource": observation("12001", pfull, "t1"), "request": {"method": "POST", "url": "Observation"}},
+            {"fullUrl": pfull, "resource": patient("12001", "2"), "request": {"method": "POST", "url": "Patient"}},
+            {"resource": updated, "request": {"method": "PUT", "url": format!("Patient/{existing_id}")}}
+        ]
+    });
+    let (s, _, r) = post(&c, format!("{base}/r4"), &tok, &good).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let statuses: Vec<&str> = r["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, vec!["201 Created", "201 Created", "200 OK"]);
+    assert_eq!(
+        r["entry"][2]["response"]["location"],
+        format!("Patient/{existing_id}/_history/2")
+    );
+    let new_pid = id_from_location(r["entry"][1]["response"]["location"].as_str().unwrap());
+    let (_, b) = get(&c, format!("{base}/r4/Observation?patient={new_pid}"), &tok).await;
+    assert_eq!(total(&b), 1);
+    assert_eq!(
+        b["entry"][0]["resource"]["subject"]["reference"],
+        format!("Patient/{new_pid}")
+    );
+    let before = sb.stats();
+
+    // One bad entry: nothing of the bundle is stored, and the error names the entry.
+    let bad = json!({
+        "resourceType": "Bundle", "type": "transaction",
+        "entry": [
+            {"fullUrl": pfull, "resource": patient("12001", "3"), "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Observation", "meta": {"security": [label("12001")]}, "code": {"text": "x"}, "subject": {"reference": pfull}},
+             "request": {"method": "POST", "url": "Observation"}}
+        ]
+    });
+    let (s, _, v) = post(&c, format!("{base}/r4"), &tok, &bad).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        expressions(&v).contains(&"Bundle.entry[1].resource.status".to_string()),
+        "{v}"
+    );
+    let after = sb.stats();
+    assert_eq!(after.resources, before.resources);
+
+    // More than 50 entries are refused.
+    let entries: Vec<Value> = (0..51)
+        .map(|i| json!({"resource": patient("12001", &format!("b{i}")), "request": {"method": "POST", "url": "Patient"}}))
+        .collect();
+    let big = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let (s, _, v) = post(&c, format!("{base}/r4"), &tok, &big).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(expressions(&v), vec!["Bundle.entry"]);
+    // Exactly 50 is fine.
+    let entries: Vec<Value> = (0..50)
+        .map(|i| json!({"resource": patient("12001", &format!("b{i}")), "request": {"method": "POST", "url": "Patient"}}))
+        .collect();
+    let (s, _, _) = post(
+        &c,
+        format!("{base}/r4"),
+        &tok,
+        &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Batches, other methods and non-Bundles are refused.
+    for body in [
+        json!({"resourceType": "Bundle", "type": "batch", "entry": []}),
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": "DELETE", "url": "Patient/1"}}]}),
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient("12001", "q"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=q"}}]}),
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": "POST", "url": "Patient"}}]}),
+        patient("12001", "1"),
+    ] {
+        let (s, _, v) = post(&c, format!("{base}/r4"), &tok, &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(v["resourceType"], "OperationOutcome");
+    }
+    // A bundle entry for another center is forbidden, and rolls the bundle back.
+    let forbidden = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": patient("12001", "ok"), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": patient("54321", "no"), "request": {"method": "POST", "url": "Patient"}}
+    ]});
+    let before = sb.stats().resources("Patient");
+    let (s, _, _) = post(&c, format!("{base}/r4"), &tok, &forbidden).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(sb.stats().resources("Patient"), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capability_statement_and_unsupported_interactions() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let base = sb.base_url();
+    let tok = token(&c, &sb).await;
+    let (_, cap) = get(&c, format!("{base}/r4/metadata"), &tok).await;
+    let rest = &cap["rest"][0];
+    assert_eq!(rest["interaction"], json!([{"code": "transaction"}]));
+    let obs = rest["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Observation")
+        .unwrap();
+    let params: Vec<&str> = obs["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        params,
+        vec![
+            "identifier",
+            "subject",
+            "patient",
+            "patient.identifier",
+            "code",
+            "_security"
+        ]
+    );
+    let interactions: Vec<&str> = obs["interaction"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        interactions,
+        vec!["create", "update", "read", "search-type"]
+    );
+    assert_eq!(obs["updateCreate"], false);
+
+    let (_, loc, _) = post(
+        &c,
+        format!("{base}/r4/Patient"),
+        &tok,
+        &patient("12001", "1"),
+    )
+    .await;
+    let pid = id_from_location(&loc.unwrap());
+    let unsupported = [
+        (reqwest::Method::DELETE, format!("{base}/r4/Patient/{pid}")),
+        (reqwest::Method::PATCH, format!("{base}/r4/Patient/{pid}")),
+        (
+            reqwest::Method::GET,
+            format!("{base}/r4/Patient/{pid}/_history/1"),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("{base}/r4/Patient/{pid}/_history"),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{base}/r4/Patient/$crid-assignment"),
+        ),
+        (reqwest::Method::POST, format!("{base}/r4/Bundle")),
+        (reqwest::Method::GET, format!("{base}/r4/patient")),
+        (reqwest::Method::GET, format!("{base}/R4/Patient")),
+        (reqwest::Method::GET, format!("{base}/crid")),
+        (reqwest::Method::GET, format!("{base}/CRID")),
+        (reqwest::Method::PUT, format!("{base}/r4/Patient")),
+        (reqwest::Method::DELETE, format!("{base}/r4")),
+        (reqwest::Method::GET, format!("{base}/oauth2/token")),
+    ];
+    for (method, url) in unsupported {
+        let r = c
+            .request(method.clone(), &url)
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {url}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["resourceType"], "OperationOutcome");
+    }
+    assert_eq!(sb.stats().requests("unsupported", "405"), 13);
+}
