@@ -1101,3 +1101,212 @@ async fn capability_statement_and_unsupported_interactions() {
     }
     assert_eq!(sb.stats().requests("unsupported", "405"), 13);
 }
+
+fn with_faults(f: impl FnOnce(&mut fhirlift::sandbox::Faults)) -> SandboxConfig {
+    let mut config = SandboxConfig::default();
+    f(&mut config.faults);
+    config
+}
+
+/// Sends a raw HTTP/1.1 request and returns everything the server sent before closing.
+fn raw_exchange(sb: &SandboxHandle, request: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(sb.addr()).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    // A reset counts as a close too.
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_close_without_answer_and_store_nothing() {
+    let sb = start(with_faults(|f| f.drop_rate = 1.0));
+    let c = client();
+    let base = sb.base_url();
+    // The token endpoint is exempt by default.
+    let tok = token(&c, &sb).await;
+    let err = c
+        .post(format!("{base}/r4/Patient"))
+        .bearer_auth(&tok)
+        .header("Content-Type", FHIR_JSON)
+        .body(patient("12001", "1").to_string())
+        .send()
+        .await
+        .unwrap_err();
+    assert!(!err.is_timeout() && err.status().is_none(), "{err:?}");
+    let body = patient("12001", "2").to_string();
+    let raw = raw_exchange(
+        &sb,
+        &format!(
+            "POST /r4/Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(
+        raw.is_empty(),
+        "no byte of an answer: {}",
+        String::from_utf8_lossy(&raw)
+    );
+    let stats = sb.stats();
+    assert_eq!(stats.requests("create:Patient", "dropped"), 2);
+    assert_eq!(stats.faults("drop"), 2);
+    assert_eq!(stats.resources("Patient"), 0);
+    // Stats are never faulted.
+    let (s, _) = get(&c, format!("{base}/_sandbox/stats"), "").await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_are_stored_but_never_answered() {
+    let sb = start(with_faults(|f| f.lost_answer_rate = 1.0));
+    let c = client();
+    let tok = token(&c, &sb).await;
+    let body = patient("12001", "1").to_string();
+    let raw = raw_exchange(
+        &sb,
+        &format!(
+            "POST /r4/Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(raw.is_empty(), "{}", String::from_utf8_lossy(&raw));
+    let err = put_crid_err(&c, &sb, &tok).await;
+    assert!(err.status().is_none(), "{err:?}");
+    let stats = sb.stats();
+    assert_eq!(stats.resources("Patient"), 1, "processed and stored");
+    assert_eq!(stats.requests("create:Patient", "201"), 1);
+    assert_eq!(stats.crids_assigned, 1);
+    assert_eq!(stats.faults("lost_answer"), 2);
+}
+
+async fn put_crid_err(c: &reqwest::Client, sb: &SandboxHandle, tok: &str) -> reqwest::Error {
+    c.put(format!("{}/CRID", sb.base_url()))
+        .bearer_auth(tok)
+        .json(&crid_body(
+            json!({"firstName": "A", "lastName": "B", "birthDate": "2000-01-01", "gender": "F"}),
+        ))
+        .send()
+        .await
+        .unwrap_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_errors_and_throttling_store_nothing() {
+    let sb = start(with_faults(|f| f.error_rate = 1.0));
+    let c = client();
+    let base = sb.base_url();
+    let tok = token(&c, &sb).await;
+    for i in 0..6 {
+        let (s, _, v) = post(
+            &c,
+            format!("{base}/r4/Patient"),
+            &tok,
+            &patient("12001", &i.to_string()),
+        )
+        .await;
+        assert!(
+            s == StatusCode::INTERNAL_SERVER_ERROR || s == StatusCode::SERVICE_UNAVAILABLE,
+            "{s}"
+        );
+        assert_eq!(v["resourceType"], "OperationOutcome");
+    }
+    let stats = sb.stats();
+    assert_eq!(stats.resources("Patient"), 0);
+    assert_eq!(stats.faults("error"), 6);
+    assert_eq!(
+        stats.requests("create:Patient", "500") + stats.requests("create:Patient", "503"),
+        6
+    );
+    sb.shutdown();
+
+    let sb = start(with_faults(|f| {
+        f.throttle_rate = 1.0;
+        f.retry_after_secs = 7;
+    }));
+    let tok = token(&c, &sb).await;
+    let r = c
+        .get(format!("{}/r4/metadata", sb.base_url()))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "7");
+    let (s, _) = put_crid(&c, &sb, &tok, &crid_body(json!({}))).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(sb.stats().requests("metadata", "429"), 1);
+    assert_eq!(sb.stats().faults("throttle"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_faults_only_when_asked() {
+    let sb = start(with_faults(|f| {
+        f.error_rate = 1.0;
+        f.include_token_endpoint = true;
+    }));
+    let c = client();
+    let (s, _) = token_form(
+        &c,
+        &sb,
+        Some(("fhirlift-sandbox", "sandbox-secret")),
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    assert!(s.is_server_error());
+    assert_eq!(sb.stats().faults("error"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_is_added_and_counted() {
+    let sb = start(with_faults(|f| {
+        f.latency_ms = 5;
+        f.jitter_ms = 5;
+    }));
+    let c = client();
+    let tok = token(&c, &sb).await;
+    for _ in 0..3 {
+        let (s, _) = get(&c, format!("{}/r4/metadata", sb.base_url()), &tok).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    // The token request is exempt; the three API calls were delayed.
+    assert_eq!(sb.stats().faults("latency"), 3);
+}
+
+/// The statuses of `n` sequential metadata requests.
+async fn fault_sequence(seed: u64, n: usize) -> Vec<u16> {
+    let mut config = with_faults(|f| {
+        f.error_rate = 0.3;
+        f.throttle_rate = 0.2;
+    });
+    config.seed = seed;
+    let sb = start(config);
+    let c = client();
+    let tok = token(&c, &sb).await;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = c
+            .get(format!("{}/r4/metadata", sb.base_url()))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap();
+        out.push(r.status().as_u16());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_reproducible_with_a_seed() {
+    let a = fault_sequence(42, 40).await;
+    let b = fault_sequence(42, 40).await;
+    let other = fault_sequence(7, 40).await;
+    assert_eq!(a, b);
+    assert_ne!(a, other);
+    assert!(
+        a.contains(&200) && a.contains(&429) && a.iter().any(|s| *s >= 500),
+        "{a:?}"
+    );
+}
