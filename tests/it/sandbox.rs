@@ -1310,3 +1310,206 @@ async fn faults_are_reproducible_with_a_seed() {
         "{a:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_persists_and_dumps_as_ndjson() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sandbox.db");
+    let c = client();
+    let demo = crid_body(
+        json!({"firstName": "Ana", "lastName": "Souza", "birthDate": "1975-04-09", "gender": "F"}),
+    );
+    let config = || SandboxConfig {
+        db: Some(db.clone()),
+        ..SandboxConfig::default()
+    };
+
+    let sb = start(config());
+    let tok = token(&c, &sb).await;
+    let (_, v) = put_crid(&c, &sb, &tok, &demo).await;
+    let crid = v["crid"].as_u64().unwrap();
+    let (_, loc, _) = post(
+        &c,
+        format!("{}/r4/Patient", sb.base_url()),
+        &tok,
+        &patient("12001", &crid.to_string()),
+    )
+    .await;
+    let pid = id_from_location(&loc.unwrap());
+    let (s, _, _) = post(
+        &c,
+        format!("{}/r4/Observation", sb.base_url()),
+        &tok,
+        &observation("12001", &format!("Patient/{pid}"), "persisted"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    sb.shutdown();
+
+    // A restart keeps resources, CRIDs and the id sequence; tokens do not survive.
+    let sb = start(config());
+    let (s, _) = get(&c, format!("{}/r4/Patient/{pid}", sb.base_url()), &tok).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let tok = token(&c, &sb).await;
+    let (s, p) = get(&c, format!("{}/r4/Patient/{pid}", sb.base_url()), &tok).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(p["identifier"][0]["value"], crid.to_string());
+    let (_, v) = put_crid(&c, &sb, &tok, &demo).await;
+    assert_eq!(v["perfectMatch"][0]["crid"].as_u64(), Some(crid));
+    let (_, loc, _) = post(
+        &c,
+        format!("{}/r4/Patient", sb.base_url()),
+        &tok,
+        &patient("12001", "9"),
+    )
+    .await;
+    let pid2 = id_from_location(&loc.unwrap());
+    assert!(pid2.parse::<u64>().unwrap() > pid.parse::<u64>().unwrap());
+    let stats = sb.stats();
+    assert_eq!(
+        (
+            stats.resources("Patient"),
+            stats.resources("Observation"),
+            stats.crids_assigned
+        ),
+        (2, 1, 1)
+    );
+    sb.shutdown();
+
+    // The store holds no names or birth dates, only hashes.
+    let bytes = std::fs::read(&db).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(!text.contains("Souza") && !text.contains("1975-04-09"));
+
+    let out = dir.path().join("dump");
+    let run = fhirlift()
+        .args(["sandbox", "--db"])
+        .arg(&db)
+        .arg("--dump")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let patients = std::fs::read_to_string(out.join("Patient.ndjson")).unwrap();
+    let lines: Vec<Value> = patients
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["id"], pid.as_str());
+    let obs = std::fs::read_to_string(out.join("Observation.ndjson")).unwrap();
+    assert_eq!(obs.lines().count(), 1);
+}
+
+use crate::it::common::fhirlift;
+
+#[test]
+fn cli_rejects_bad_settings_and_missing_stores() {
+    let out = fhirlift()
+        .args(["sandbox", "--error-rate", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error-rate"));
+    let out = fhirlift()
+        .args(["sandbox", "--ccn", "12"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let dir = tempfile::tempdir().unwrap();
+    let out = fhirlift()
+        .args(["sandbox", "--db"])
+        .arg(dir.path().join("none.db"))
+        .arg("--dump")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !dir.path().join("none.db").exists(),
+        "a dump never creates a store"
+    );
+    // --dump needs --db.
+    let out = fhirlift()
+        .args(["sandbox", "--dump", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_serves_with_the_given_account() {
+    use std::io::BufRead;
+    let mut child = fhirlift()
+        .args([
+            "sandbox",
+            "--addr",
+            "127.0.0.1:0",
+            "--client-id",
+            "center-app",
+            "--client-secret",
+            "s3",
+            "--username",
+            "svc",
+            "--password",
+            "pw",
+            "--ccn",
+            "12001",
+            "--ccn",
+            "12002",
+            "--token-ttl",
+            "60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut base = None;
+    let mut token_url = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(u) = line.trim().strip_prefix("base URL:") {
+            base = Some(u.trim().to_string());
+        }
+        if let Some(u) = line.trim().strip_prefix("token URL:") {
+            token_url = Some(u.trim().to_string());
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let (base, token_url) = (base.unwrap(), token_url.unwrap());
+    assert!(base.starts_with("http://127.0.0.1:"));
+    assert_eq!(token_url, format!("{base}/oauth2/token"));
+    let c = client();
+    let r = c
+        .post(&token_url)
+        .basic_auth("center-app", Some("s3"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "svc"),
+            ("password", "pw"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["expires_in"], 60);
+    let tok = v["access_token"].as_str().unwrap().to_string();
+    let (s, _, _) = post(
+        &c,
+        format!("{base}/r4/Patient"),
+        &tok,
+        &patient("12002", "1"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
