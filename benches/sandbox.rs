@@ -125,7 +125,10 @@ fn main() {
         .build()
         .unwrap();
     println!("sandbox bench: {n} creates per level, loopback HTTP/1.1 keep-alive, no faults");
-    println!("{:<8} {:<12} {:>7} {:>12}", "store", "type", "clients", "creates/s");
+    println!(
+        "{:<8} {:<12} {:>7} {:>12}",
+        "store", "type", "clients", "creates/s"
+    );
     for (store, db) in [("memory", None), ("wal-file", Some(dir.join("bench.db")))] {
         let sb = SandboxHandle::start(
             SandboxConfig {

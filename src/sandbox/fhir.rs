@@ -7,10 +7,11 @@
 //! expressions name the FHIR path; they never echo resource values.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use serde_json::{Map, Value, json};
 
-use super::store::{Condition, Index, RefEntry, Store, StoreError, TokenEntry, TokenMatch};
+use super::store::{Condition, Index, RefEntry, Store, StoreError, TokenEntry, TokenMatch, lock};
 use super::{CENTER_SYSTEM, CENTER_SYSTEM_TERMINOLOGY, CRID_SYSTEM, CRID_SYSTEM_TERMINOLOGY};
 use crate::validate::{Issue, Severity};
 
@@ -213,14 +214,22 @@ fn r4_issues(resource: &Value) -> Vec<Issue> {
     crate::validate::validate_r4(resource)
 }
 
-/// Checks and normalizes a resource about to be stored; returns its center and its index rows.
-fn prepare(
-    store: &Store,
+/// A resource that passed the checks that need no store: its center, its index rows and the
+/// Patient its `subject` names (checked against the store by [`link_subject`]).
+struct Checked {
+    ccn: String,
+    index: Index,
+    subject: Option<(i64, String)>,
+}
+
+/// Checks and normalizes a resource about to be stored, without the store (so that it can run
+/// outside the store lock).
+fn check(
     ctx: &Ctx<'_>,
     tdef: &TypeDef,
     body: &mut Value,
     prefix: Option<&str>,
-) -> Result<(String, Index), FhirError> {
+) -> Result<Checked, FhirError> {
     let t = tdef.name;
     let obj = body.as_object_mut().ok_or_else(|| {
         FhirError::at(
@@ -261,6 +270,7 @@ fn prepare(
         });
     }
     let mut index = Index::default();
+    let mut subject = None;
     index_tokens(body, "identifier", &["identifier"], &mut index);
     index_tokens(body, "_security", &["meta", "security"], &mut index);
     if tdef.code {
@@ -282,32 +292,42 @@ fn prepare(
                     path.clone(),
                 )
             })?;
-        match store.ccn_of("Patient", target)? {
-            None => {
-                return Err(FhirError::at(
-                    422,
-                    "invalid",
-                    "the referenced Patient does not exist",
-                    path,
-                ));
-            }
-            Some(c) if !ctx.ccns.contains(&c) => {
-                return Err(FhirError::at(
-                    403,
-                    "forbidden",
-                    "the referenced Patient belongs to a center this token may not use",
-                    path,
-                ));
-            }
-            Some(_) => {}
-        }
-        index.refs.push(RefEntry {
-            param: "subject",
-            target_type: "Patient".into(),
-            target_id: target,
-        });
+        subject = Some((target, path));
     }
-    Ok((ccn, index))
+    Ok(Checked {
+        ccn,
+        index,
+        subject,
+    })
+}
+
+/// The subject must be a stored Patient of a center the token may use.
+fn link_subject(store: &Store, ctx: &Ctx<'_>, checked: &mut Checked) -> Result<(), FhirError> {
+    let Some((target, path)) = checked.subject.take() else {
+        return Ok(());
+    };
+    match store.ccn_of("Patient", target)? {
+        None => Err(FhirError::at(
+            422,
+            "invalid",
+            "the referenced Patient does not exist",
+            path,
+        )),
+        Some(c) if !ctx.ccns.contains(&c) => Err(FhirError::at(
+            403,
+            "forbidden",
+            "the referenced Patient belongs to a center this token may not use",
+            path,
+        )),
+        Some(_) => {
+            checked.index.refs.push(RefEntry {
+                param: "subject",
+                target_type: "Patient".into(),
+                target_id: target,
+            });
+            Ok(())
+        }
+    }
 }
 
 /// Finds the center label and checks the token may use it.
@@ -476,27 +496,34 @@ fn create_in(
     store: &mut Store,
     ctx: &Ctx<'_>,
     tdef: &TypeDef,
+    mut checked: Checked,
     mut body: Value,
-    prefix: Option<&str>,
     id: Option<i64>,
-) -> Result<(i64, Value), FhirError> {
-    let (ccn, index) = prepare(store, ctx, tdef, &mut body, prefix)?;
+) -> Result<(i64, String), FhirError> {
+    link_subject(store, ctx, &mut checked)?;
     let id = id.unwrap_or_else(|| store.allocate_id());
     stamp(&mut body, id, 1, &ctx.now);
-    store.insert(id, tdef.name, &ccn, &ctx.now, &serialize(&body), &index)?;
-    Ok((id, body))
+    let text = serialize(&body);
+    store.insert(id, tdef.name, &checked.ccn, &ctx.now, &text, &checked.index)?;
+    Ok((id, text))
 }
 
-/// `POST /r4/{type}`.
-pub fn create(store: &mut Store, ctx: &Ctx<'_>, t: &str, raw: &[u8]) -> Result<FhirOk, FhirError> {
+/// `POST /r4/{type}`. Parsing and validation run before the store is locked.
+pub fn create(
+    store: &Mutex<Store>,
+    ctx: &Ctx<'_>,
+    t: &str,
+    raw: &[u8],
+) -> Result<FhirOk, FhirError> {
     let tdef = known_type(t)?;
-    let body = parse_json(raw)?;
-    let (id, body) = store.transaction(|s| create_in(s, ctx, tdef, body, None, None))?;
+    let mut body = parse_json(raw)?;
+    let checked = check(ctx, tdef, &mut body, None)?;
+    let (id, text) = lock(store).transaction(|s| create_in(s, ctx, tdef, checked, body, None))?;
     Ok(FhirOk {
         status: 201,
         location: Some(location(ctx, t, id, 1)),
         version: Some(1),
-        body: serialize(&body),
+        body: text,
     })
 }
 
@@ -512,9 +539,10 @@ fn update_in(
     ctx: &Ctx<'_>,
     tdef: &TypeDef,
     id: &str,
+    mut checked: Checked,
     mut body: Value,
     prefix: Option<&str>,
-) -> Result<(i64, i64, Value), FhirError> {
+) -> Result<(i64, i64, String), FhirError> {
     let t = tdef.name;
     let body_id = body.get("id").and_then(Value::as_str);
     if body_id != Some(id) {
@@ -535,30 +563,33 @@ fn update_in(
             "the stored resource belongs to a center this token may not use",
         ));
     }
-    let (ccn, index) = prepare(store, ctx, tdef, &mut body, prefix)?;
+    link_subject(store, ctx, &mut checked)?;
     let version = old.version + 1;
     stamp(&mut body, rid, version, &ctx.now);
-    store.update(rid, &ccn, version, &ctx.now, &serialize(&body), &index)?;
-    Ok((rid, version, body))
+    let text = serialize(&body);
+    store.update(rid, &checked.ccn, version, &ctx.now, &text, &checked.index)?;
+    Ok((rid, version, text))
 }
 
 /// `PUT /r4/{type}/{id}`: a new version of an existing resource. An unknown id is a 404: the
 /// server assigns ids, so update-as-create is not offered.
 pub fn update(
-    store: &mut Store,
+    store: &Mutex<Store>,
     ctx: &Ctx<'_>,
     t: &str,
     id: &str,
     raw: &[u8],
 ) -> Result<FhirOk, FhirError> {
     let tdef = known_type(t)?;
-    let body = parse_json(raw)?;
-    let (rid, version, body) = store.transaction(|s| update_in(s, ctx, tdef, id, body, None))?;
+    let mut body = parse_json(raw)?;
+    let checked = check(ctx, tdef, &mut body, None)?;
+    let (rid, version, text) =
+        lock(store).transaction(|s| update_in(s, ctx, tdef, id, checked, body, None))?;
     Ok(FhirOk {
         status: 200,
         location: Some(location(ctx, t, rid, version)),
         version: Some(version),
-        body: serialize(&body),
+        body: text,
     })
 }
 
@@ -915,10 +946,11 @@ pub fn transaction(store: &mut Store, ctx: &Ctx<'_>, raw: &[u8]) -> Result<FhirO
                         if pass == Pass::CreatePatients && tdef.name == "Patient"
                             || pass == Pass::CreateOthers && tdef.name != "Patient" =>
                     {
-                        let Some(resource) = resources[i].take() else {
+                        let Some(mut resource) = resources[i].take() else {
                             continue;
                         };
-                        create_in(s, ctx, tdef, resource, Some(&prefix), Some(*id))?;
+                        let checked = check(ctx, tdef, &mut resource, Some(&prefix))?;
+                        create_in(s, ctx, tdef, checked, resource, Some(*id))?;
                         out[i] = json!({
                             "response": {
                                 "status": "201 Created",
@@ -929,11 +961,12 @@ pub fn transaction(store: &mut Store, ctx: &Ctx<'_>, raw: &[u8]) -> Result<FhirO
                         });
                     }
                     EntryOp::Update { tdef, id } if pass == Pass::Update => {
-                        let Some(resource) = resources[i].take() else {
+                        let Some(mut resource) = resources[i].take() else {
                             continue;
                         };
+                        let checked = check(ctx, tdef, &mut resource, Some(&prefix))?;
                         let (rid, version, _) =
-                            update_in(s, ctx, tdef, id, resource, Some(&prefix))?;
+                            update_in(s, ctx, tdef, id, checked, resource, Some(&prefix))?;
                         out[i] = json!({
                             "response": {
                                 "status": "200 OK",
@@ -963,7 +996,7 @@ pub fn transaction(store: &mut Store, ctx: &Ctx<'_>, raw: &[u8]) -> Result<FhirO
 }
 
 /// `GET /r4/metadata`: exactly what this server supports.
-pub fn capability_statement(ctx: &Ctx<'_>, now: &str) -> String {
+pub fn capability_statement(base: &str, now: &str) -> String {
     let resources: Vec<Value> = TYPES
         .iter()
         .map(|t| {
@@ -1002,7 +1035,7 @@ pub fn capability_statement(ctx: &Ctx<'_>, now: &str) -> String {
         "software": {"name": "fhirlift sandbox", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {
             "description": "Local stand-in for the CIBMTR Direct FHIR API",
-            "url": format!("{}/r4", ctx.base),
+            "url": format!("{}/r4", base),
         },
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
@@ -1013,7 +1046,7 @@ pub fn capability_statement(ctx: &Ctx<'_>, now: &str) -> String {
                     "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                     "code": "OAuth",
                 }]}],
-                "description": format!("OAuth2 bearer tokens from {}/oauth2/token (password or client_credentials grant)", ctx.base),
+                "description": format!("OAuth2 bearer tokens from {}/oauth2/token (password or client_credentials grant)", base),
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}],

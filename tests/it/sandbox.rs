@@ -396,9 +396,12 @@ async fn unknown_missing_and_expired_tokens_get_401() {
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         assert!(v["errorMessage"].is_string());
     }
-    let r = c.get(format!("{base}/r4/metadata")).send().await.unwrap();
+    let r = c.get(format!("{base}/r4/Patient")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    // Capabilities are public.
+    let r = c.get(format!("{base}/r4/metadata")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
 }
 
 fn crid_body(p: Value) -> Value {
