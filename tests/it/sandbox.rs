@@ -1516,3 +1516,66 @@ async fn cli_serves_with_the_given_account() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_get_distinct_ids_and_one_crid_per_person() {
+    let sb = start(SandboxConfig::default());
+    let c = client();
+    let tok = token(&c, &sb).await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (c, tok, url) = (
+            c.clone(),
+            tok.clone(),
+            format!("{}/r4/Patient", sb.base_url()),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (s, loc, _) = post(&c, url, &tok, &patient("12001", &i.to_string())).await;
+            assert_eq!(s, StatusCode::CREATED);
+            id_from_location(&loc.unwrap())
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 40);
+
+    let demo = crid_body(
+        json!({"firstName": "Li", "lastName": "Wei", "birthDate": "1990-05-06", "gender": "M"}),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (c, tok, url, demo) = (
+            c.clone(),
+            tok.clone(),
+            format!("{}/CRID", sb.base_url()),
+            demo.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let v: Value = c
+                .put(url)
+                .bearer_auth(&tok)
+                .json(&demo)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["crid"]
+                .as_u64()
+                .or_else(|| v["perfectMatch"][0]["crid"].as_u64())
+                .unwrap()
+        }));
+    }
+    let mut crids = Vec::new();
+    for t in tasks {
+        crids.push(t.await.unwrap());
+    }
+    crids.dedup();
+    assert_eq!(crids.len(), 1, "{crids:?}");
+    assert_eq!(sb.stats().crids_assigned, 1);
+}
