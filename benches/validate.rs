@@ -50,15 +50,21 @@ fn patient() -> Value {
     })
 }
 
+/// A full transaction: the Patient and 49 of its Observations, linked by the placeholder.
 fn bundle() -> Value {
-    let entries: Vec<Value> = (0..50)
-        .map(|i| {
+    let patient = json!({
+        "fullUrl": "urn:uuid:6d1c2f0e-8a3b-4c55-9e47-0b1f7a2dc3e9",
+        "resource": patient(),
+        "request": {"method": "POST", "url": "Patient"}
+    });
+    let entries: Vec<Value> = std::iter::once(patient)
+        .chain((1..50).map(|i| {
             json!({
                 "fullUrl": format!("urn:uuid:00000000-0000-0000-0000-{i:012}"),
                 "resource": observation(i),
                 "request": {"method": "POST", "url": "Observation"}
             })
-        })
+        }))
         .collect();
     json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 }

@@ -25,11 +25,11 @@ pub(super) const MAX_BUNDLE_ENTRIES: usize = 50;
 /// Vital signs the IG FAQ allows with `valueQuantity` only (body height, body weight).
 const QUANTITY_ONLY: &[&str] = &["8302-2", "29463-7"];
 
-/// CMV codes outside the priority list that also need a reference range when sent as a quantity:
-/// viral loads in other specimens that centers commonly report.
-/// 5000-5: CMV DNA [#/volume] in Specimen; 33006-8: CMV DNA [#/volume] in Blood;
-/// 97808-0: CMV DNA [Log #/volume] in Blood; 33005-0: CMV DNA [Log #/volume] in Specimen.
-const EXTRA_CMV_LOINC: &[&str] = &["5000-5", "33006-8", "97808-0", "33005-0"];
+/// CMV codes outside the priority list that also need a reference range when sent as a
+/// quantity, each checked against its LOINC entry: 5000-5 (Cytomegalovirus DNA in Specimen by NAA,
+/// a common lab order code), 54163-1 (Cytomegalovirus DNA [#/volume] in Urine, detection limit
+/// 200 copies/mL), 101816-7 (Cytomegalovirus DNA [Units/volume] (viral load) in Urine by NAA).
+const EXTRA_CMV_LOINC: &[&str] = &["5000-5", "54163-1", "101816-7"];
 
 struct PriorityList {
     codes: Arc<HashSet<String>>,
@@ -446,6 +446,10 @@ fn check_bundle(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) {
             format!("at most {MAX_BUNDLE_ENTRIES} entries per transaction bundle"),
         );
     }
+    let full_urls: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| str_of(e, "fullUrl"))
+        .collect();
     let m = ctx.enter("entry");
     for (i, entry) in entries.iter().enumerate() {
         let m2 = ctx.enter_index(i);
@@ -454,6 +458,7 @@ fn check_bundle(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) {
             Some(resource) => {
                 let m3 = ctx.enter("resource");
                 check_resource(ctx, resource, rules);
+                check_placeholders(ctx, resource, &full_urls);
                 ctx.leave(m3);
             }
             None if matches!(method, Some("POST" | "PUT")) => {
@@ -474,6 +479,35 @@ fn check_bundle(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) {
         ctx.leave(m2);
     }
     ctx.leave(m);
+}
+
+/// Every `urn:uuid:` reference inside a transaction must name another entry's `fullUrl`: the
+/// server resolves placeholders only within the bundle.
+fn check_placeholders(ctx: &mut Ctx, v: &Value, full_urls: &[&str]) {
+    match v {
+        Value::Object(obj) => {
+            for (k, item) in obj {
+                let m = ctx.enter(k);
+                match item {
+                    Value::String(r) if k == "reference" => {
+                        if r.starts_with("urn:uuid:") && !full_urls.contains(&r.as_str()) {
+                            ctx.error("no entry of the bundle has this urn:uuid as its fullUrl");
+                        }
+                    }
+                    _ => check_placeholders(ctx, item, full_urls),
+                }
+                ctx.leave(m);
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let m = ctx.enter_index(i);
+                check_placeholders(ctx, item, full_urls);
+                ctx.leave(m);
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -789,9 +823,11 @@ mod tests {
     #[test]
     fn bundles_check_each_entry() {
         let entry = |fu: &str, r: Value| json!({"fullUrl": fu, "resource": r, "request": {"method": "POST", "url": r["resourceType"]}});
+        let mut obs = observation();
+        obs["subject"]["reference"] = json!("urn:uuid:6d1c2f0e-8a3b-4c55-9e47-0b1f7a2dc3e9");
         let good = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
             entry("urn:uuid:6d1c2f0e-8a3b-4c55-9e47-0b1f7a2dc3e9", patient()),
-            entry("urn:uuid:6d1c2f0e-8a3b-4c55-9e47-0b1f7a2dc3ea", observation()),
+            entry("urn:uuid:6d1c2f0e-8a3b-4c55-9e47-0b1f7a2dc3ea", obs),
         ]});
         assert_eq!(validate_all(&good, &rules()), vec![]);
         let mut bad = good.clone();
@@ -806,9 +842,17 @@ mod tests {
                 "Bundle.entry[1].resource.meta.security[0].code"
             ]
         );
+        // Placeholders resolve inside the bundle only.
+        let mut dangling = good.clone();
+        dangling["entry"][1]["resource"]["subject"]["reference"] =
+            json!("urn:uuid:6d1c2f0e-8a3b-4c55-9e47-0b1f7a2dc3ff");
+        assert_eq!(
+            errors(&dangling),
+            ["Bundle.entry[1].resource.subject.reference"]
+        );
         let mut big = good;
-        let e = big["entry"][1].clone();
-        big["entry"] = Value::Array(vec![e; 51]);
+        let (p, o) = (big["entry"][0].clone(), big["entry"][1].clone());
+        big["entry"] = Value::Array(std::iter::once(p).chain(vec![o; 50]).collect());
         assert_eq!(errors(&big), ["Bundle.entry"]);
     }
 

@@ -2,7 +2,36 @@
 //! mapping stage (and, in the sandbox, for every resource a client sends).
 //!
 //! Issues name the FHIR path (`Observation.valueQuantity.code`) so that a failure can be traced to
-//! the template and the row that produced it.
+//! the template and the row that produced it. Validation never changes a resource, never does I/O
+//! and never puts a checked value into a message.
+//!
+//! ```
+//! use fhirlift::validate::{CibmtrRules, Severity, errors, validate};
+//! use serde_json::json;
+//!
+//! let rules = CibmtrRules::new(
+//!     "12001",
+//!     "http://cibmtr.org/codesystem/transplant-center",
+//!     "http://cibmtr.org/identifier/CRID",
+//! );
+//! let observation = json!({
+//!     "resourceType": "Observation",
+//!     "meta": {"security": [{"system": "http://cibmtr.org/codesystem/transplant-center",
+//!                            "code": "rc_12001"}]},
+//!     "status": "final",
+//!     "category": [{"coding": [{"code": "laboratory",
+//!         "system": "http://terminology.hl7.org/CodeSystem/observation-category"}]}],
+//!     "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+//!     "subject": {"reference": "Patient/1"},
+//!     "effectiveDateTime": "2024-03-01T08:30:00-05:00",
+//!     "valueString": "13.2 g/dL"
+//! });
+//! let issues = validate(&observation, &rules);
+//! let rejected: Vec<_> = errors(&issues).collect();
+//! assert_eq!(rejected.len(), 1);
+//! assert_eq!(rejected[0].path, "Observation.valueString");
+//! assert_eq!(rejected[0].severity, Severity::Error);
+//! ```
 
 mod cibmtr;
 pub mod primitives;

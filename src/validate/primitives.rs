@@ -7,6 +7,9 @@
 
 use serde_json::Value;
 
+/// R4: "strings SHALL NOT exceed 1MB in size".
+const MAX_STRING_BYTES: usize = 1024 * 1024;
+
 /// The R4 primitive types fhirlift checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Primitive {
@@ -78,6 +81,9 @@ impl Primitive {
     pub fn check_str(self, s: &str) -> Result<(), &'static str> {
         if s.is_empty() {
             return Err("must not be an empty string");
+        }
+        if s.len() > MAX_STRING_BYTES {
+            return Err("longer than the 1 MB R4 allows for a string");
         }
         let ok = match self {
             Primitive::String | Primitive::Markdown => is_string(s),
@@ -525,6 +531,16 @@ mod tests {
         assert!(Primitive::UnsignedInt.check(&json!(-1)).is_err());
         assert!(Primitive::Date.check(&json!(20240101)).is_err());
         assert!(Primitive::String.check(&json!("")).is_err());
+        assert!(
+            Primitive::String
+                .check(&json!("x".repeat(MAX_STRING_BYTES)))
+                .is_ok()
+        );
+        assert!(
+            Primitive::Markdown
+                .check(&json!("x".repeat(MAX_STRING_BYTES + 1)))
+                .is_err()
+        );
         // Literal precision is kept (serde_json's arbitrary_precision) and still a decimal.
         let v: Value = serde_json::from_str("1.000000000000000000001").unwrap();
         assert!(Primitive::Decimal.check(&v).is_ok());

@@ -1760,6 +1760,61 @@ mod tests {
     }
 
     #[test]
+    fn datatype_and_patient_invariants() {
+        let v = with(patient(), |o| {
+            o.insert(
+                "telecom".into(),
+                json!([{"system": "phone", "period": {"start": "2024-02-01", "end": "2024-01-01"}}]),
+            );
+            o.insert("photo".into(), json!([{"data": "aGVsbG8="}]));
+            o.insert(
+                "contact".into(),
+                json!([{"relationship": [{"text": "mother"}]}]),
+            );
+        });
+        assert_eq!(
+            paths(&v),
+            [
+                "Patient.telecom[0].period.start",
+                "Patient.telecom[0].value",
+                "Patient.photo[0].contentType",
+                "Patient.contact[0]",
+            ]
+        );
+        // Times with offsets compare as instants: 10:00+02:00 is before 09:00Z.
+        let v = with(observation(), |o| {
+            o.remove("effectiveDateTime");
+            o.insert(
+                "effectivePeriod".into(),
+                json!({"start": "2024-03-01T10:00:00+02:00", "end": "2024-03-01T09:00:00Z"}),
+            );
+        });
+        assert_eq!(validate(&v), vec![]);
+    }
+
+    #[test]
+    fn nulls_in_primitive_arrays_need_an_extension() {
+        let v = with(patient(), |o| {
+            o.insert(
+                "name".into(),
+                json!([{"given": ["A", null], "_given": [null, {"extension": [{"url": "http://x", "valueString": "y"}]}]}]),
+            );
+        });
+        assert_eq!(validate(&v), vec![]);
+        let v = with(patient(), |o| {
+            o.insert("name".into(), json!([{"given": ["A", null]}]));
+        });
+        assert_eq!(paths(&v), ["Patient.name[0].given[1]"]);
+        let v = with(patient(), |o| {
+            o.insert(
+                "name".into(),
+                json!([{"given": ["A"], "_given": {"id": "x"}}]),
+            );
+        });
+        assert_eq!(paths(&v), ["Patient.name[0]._given"]);
+    }
+
+    #[test]
     fn contained_resources() {
         let v = with(observation(), |o| {
             o.insert(
@@ -1840,6 +1895,18 @@ mod tests {
             .unwrap()
             .remove("url");
         assert_eq!(paths(&bad), ["Bundle.type", "Bundle.entry[0].request.url"]);
+        // Searchset-only and response-only parts, version-specific fullUrls.
+        let mut bad = b.clone();
+        bad["entry"][0]["search"] = json!({"mode": "match"});
+        bad["entry"][0]["fullUrl"] = json!("http://x/Patient/1/_history/2");
+        assert_eq!(
+            paths(&bad),
+            ["Bundle.entry[0].search", "Bundle.entry[0].fullUrl"]
+        );
+        let mut bad = b.clone();
+        bad["type"] = json!("transaction-response");
+        bad["entry"][1]["response"] = json!({"status": "201 Created"});
+        assert_eq!(paths(&bad), ["Bundle.entry[0].response"]);
         // Bundle is not a DomainResource.
         let mut bad = b;
         bad.as_object_mut()
