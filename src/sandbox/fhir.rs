@@ -1058,3 +1058,88 @@ pub fn capability_statement(base: &str, now: &str) -> String {
         }],
     }))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_paths_are_rebased_into_bundle_entries() {
+        assert_eq!(locate(None, "Observation.status"), "Observation.status");
+        assert_eq!(
+            locate(
+                Some("Bundle.entry[2].resource"),
+                "Observation.code.coding[0]"
+            ),
+            "Bundle.entry[2].resource.code.coding[0]"
+        );
+        assert_eq!(
+            locate(Some("Bundle.entry[0].resource"), "Patient"),
+            "Bundle.entry[0].resource"
+        );
+    }
+
+    #[test]
+    fn token_values_follow_fhir_semantics() {
+        let m = token_matches("identifier", "s|v,|w,x,s|").unwrap();
+        let pairs: Vec<(Option<&str>, Option<&str>)> = m
+            .iter()
+            .map(|t| (t.system.as_deref(), t.value.as_deref()))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![
+                (Some("s"), Some("v")),
+                (Some(""), Some("w")),
+                (None, Some("x")),
+                (Some("s"), None)
+            ]
+        );
+        assert!(token_matches("identifier", "a,,b").is_err());
+    }
+
+    #[test]
+    fn bundle_references_are_resolved_everywhere() {
+        let mut v = json!({
+            "subject": {"reference": "urn:uuid:1"},
+            "hasMember": [{"reference": "urn:uuid:1"}, {"reference": "Patient/9"}],
+            "note": [{"text": "urn:uuid:1"}],
+        });
+        let map = HashMap::from([("urn:uuid:1".to_string(), "Patient/5".to_string())]);
+        resolve_references(&mut v, &map);
+        assert_eq!(v["subject"]["reference"], "Patient/5");
+        assert_eq!(v["hasMember"][0]["reference"], "Patient/5");
+        assert_eq!(v["hasMember"][1]["reference"], "Patient/9");
+        assert_eq!(
+            v["note"][0]["text"], "urn:uuid:1",
+            "only references are rewritten"
+        );
+    }
+
+    #[test]
+    fn redaction_keeps_what_is_not_personal() {
+        let mut p = json!({
+            "resourceType": "Patient",
+            "meta": {"security": [{"system": CENTER_SYSTEM, "code": "rc_12001"}]},
+            "name": [{"family": "X"}],
+            "identifier": [
+                {"system": SSN_SYSTEM, "value": "123-45-6789"},
+                {"system": CRID_SYSTEM, "value": "<7>"}
+            ],
+            "gender": "male"
+        });
+        let obj = p.as_object_mut().unwrap();
+        redact_patient(obj, "12001");
+        redact_patient(obj, "12001");
+        assert!(p.get("name").is_none());
+        assert_eq!(p["identifier"].as_array().unwrap().len(), 1);
+        assert_eq!(p["gender"], "male");
+        assert_eq!(
+            p["text"]["div"],
+            "<div xmlns=\"http://www.w3.org/1999/xhtml\">RC 12001 Patient with CRID &lt;7&gt;</div>"
+        );
+        // Redacting twice adds the label once.
+        assert_eq!(p["meta"]["security"].as_array().unwrap().len(), 2);
+    }
+}
