@@ -604,6 +604,30 @@ impl Ledger {
     ) -> Result<(), LedgerError> {
         let run = self.run_id();
         let mut conn = self.conn()?;
+        if outcome == OutcomeStatus::Unchanged {
+            // The common case of a nightly run: confirmed before, nothing changed. A read instead
+            // of a write transaction per record; `mark_seen` notes the record at the end of the run.
+            let mut same = conn
+                .prepare_cached(
+                    "SELECT 1 FROM submissions
+                     WHERE target = ?1 AND ccn = ?2 AND resource_type = ?3 AND record_key = ?4
+                       AND status = 'sent' AND content_hash = ?5 AND server_id = ?6",
+                )
+                .map_err(self.err("record a submission"))?;
+            let unchanged = same
+                .exists(params![
+                    scope.target,
+                    scope.ccn,
+                    resource_type,
+                    record_key,
+                    content_hash,
+                    server_id
+                ])
+                .map_err(self.err("record a submission"))?;
+            if unchanged {
+                return Ok(());
+            }
+        }
         let tx = conn
             .transaction()
             .map_err(self.err("record a submission"))?;

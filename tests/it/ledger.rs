@@ -367,8 +367,11 @@ impl Registry {
     fn add_patient(&mut self, p: usize, labs: usize) {
         let mrn = format!("{p:06}");
         let birth = format!("19{:02}-{:02}-{:02}", 40 + p % 60, 1 + p % 12, 1 + p % 28);
-        self.patients
-            .push((mrn.clone(), birth, if p % 2 == 0 { "F" } else { "M" }));
+        self.patients.push((
+            mrn.clone(),
+            birth,
+            if p.is_multiple_of(2) { "F" } else { "M" },
+        ));
         for j in 0..labs {
             self.add_lab(&mrn, j);
         }
@@ -609,29 +612,46 @@ fn killed_runs_leave_no_duplicate_and_no_gap() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let dir = tempfile::tempdir().expect("tempdir");
-    // A little latency so that a load of a few thousand resources takes long enough to be
-    // killed in the middle.
-    let sb = Sandbox::start(dir.path(), &["--latency-ms", "2"]);
+    let sb = Sandbox::start(dir.path(), &[]);
     let config = nightly_config(dir.path(), &sb);
     let reg = Registry::generate(300, 10);
     reg.write(dir.path());
+    let stored = |sb: &Sandbox| {
+        let s = sb.stats();
+        s["resources"]["Patient"].as_u64().unwrap_or(0)
+            + s["resources"]["Observation"].as_u64().unwrap_or(0)
+    };
 
-    let mut kills = 0;
-    for _ in 0..6 {
+    // The first kill comes at a random moment of the start (reading, mapping, CRIDs); the
+    // others once the server holds a random number more resources than before the run, so
+    // every kill lands in the middle of sending.
+    let mut kills = Vec::new();
+    for round in 0..6 {
         let mut child = run_cmd(&config, &[])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start a run");
-        let delay = rng.random_range(100..1500);
-        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let before = stored(&sb);
+        if round == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(rng.random_range(50..400)));
+        } else {
+            let target = before + rng.random_range(1..500);
+            while stored(&sb) < target && child.try_wait().expect("poll the run").is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         if child.try_wait().expect("poll the run").is_none() {
             child.kill().expect("SIGKILL the run");
-            kills += 1;
+            kills.push(stored(&sb));
         }
         child.wait().expect("reap the run");
     }
-    eprintln!("killed {kills} runs");
+    eprintln!("killed runs with the server holding {kills:?} resources");
+    assert!(
+        kills.len() >= 4,
+        "most runs were killed mid-load: {kills:?}"
+    );
     let last = run_cmd(&config, &[]).output().expect("final run");
     assert_eq!(
         last.status.code(),
@@ -666,4 +686,200 @@ fn killed_runs_leave_no_duplicate_and_no_gap() {
     assert_eq!(status["targets"][0]["pending"], 0);
     assert_eq!(status["targets"][0]["unknown"], 0);
     assert_eq!(status["targets"][0]["sent"], 3300);
+}
+
+/// Patients whose CRID request is ambiguous: `C` shares its SSN with `A` and its name with `B`
+/// (same birth date and sex), so the service finds two different people and the loader rejects
+/// `C` and its labs. `fixed` gives `C` a name of its own and no SSN, as a data manager would.
+fn write_ambiguous_registry(dir: &Path, triples: usize, with_c: bool, fixed: bool) {
+    let mut p = String::from("mrn,first_name,last_name,birth_date,sex,race,ethnicity,ssn\n");
+    let mut l =
+        String::from("lab_id,mrn,test_code,value,unit,collected_at,ref_low,ref_high,comparator\n");
+    for i in 0..triples {
+        let birth = format!("1960-01-{:02}", 1 + i % 28);
+        let ssn = format!("555-{:02}-{:04}", i % 100, 1000 + i);
+        let a = format!("A{i:05}");
+        let b = format!("B{i:05}");
+        let c = format!("C{i:05}");
+        p.push_str(&format!("{a},Ann{i},Alpha{i},{birth},F,W,N,{ssn}\n"));
+        p.push_str(&format!("{b},Bea{i},Beta{i},{birth},F,W,N,\n"));
+        l.push_str(&format!("L{a}0,{a},HGB,12.5,g/dL,2024-03-01 08:30:00,,,\n"));
+        l.push_str(&format!("L{b}0,{b},HGB,11.5,g/dL,2024-03-01 08:30:00,,,\n"));
+        if with_c {
+            if fixed {
+                p.push_str(&format!("{c},Cat{i},Gamma{i},{birth},F,W,N,\n"));
+            } else {
+                p.push_str(&format!("{c},Bea{i},Beta{i},{birth},F,W,N,{ssn}\n"));
+            }
+            for j in 0..2 {
+                l.push_str(&format!(
+                    "L{c}{j},{c},WBC,{}.5,K/uL,2024-03-01 08:30:00,,,\n",
+                    4 + j
+                ));
+            }
+        }
+    }
+    std::fs::write(dir.join("patients.csv"), p).expect("write patients");
+    std::fs::write(dir.join("labs.csv"), l).expect("write labs");
+}
+
+#[test]
+fn max_rejects_stops_a_failing_run_and_retry_rejected_sends_only_the_fixed_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sb = Sandbox::start(dir.path(), &[]);
+    let config = nightly_config(dir.path(), &sb);
+    let state = dir.path().join(".fhirlift");
+
+    write_ambiguous_registry(dir.path(), 30, false, false);
+    run_ok(&config, &[]);
+    let s1 = sb.stats();
+    assert_eq!(s1["resources"]["Patient"], 60);
+
+    // Every new patient is ambiguous: the guard stops the run long before all 30 are tried.
+    write_ambiguous_registry(dir.path(), 30, true, false);
+    let o = run_cmd(&config, &["--max-rejects", "5", "--concurrency", "2"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--max-rejects"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s2 = sb.stats();
+    let crids = requests_between(&s1, &s2)
+        .get("crid 200")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        (6..30).contains(&crids),
+        "stopped after {crids} CRID requests"
+    );
+    let report = last_report(&state);
+    assert!(
+        report["stopped"]
+            .as_str()
+            .is_some_and(|s| s.contains("max-rejects")),
+        "{report}"
+    );
+    assert_eq!(s2["resources"], s1["resources"], "nothing was stored");
+
+    // Without the guard every C patient and its labs are rejected, with the reason.
+    let o = run_cmd(&config, &[]).output().expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    let ledger = Ledger::open(&state).expect("ledger");
+    let scope = ledger.scopes().expect("scopes").remove(0);
+    let rejects = ledger.rejects(&scope).expect("rejects");
+    assert_eq!(rejects.len(), 90, "30 patients and their 60 labs");
+    assert!(
+        rejects.iter().all(|r| r.record.record_key.contains('C')),
+        "only the C patients' records"
+    );
+    drop(ledger);
+
+    // The data manager fixes the rows; --retry-rejected sends exactly those.
+    write_ambiguous_registry(dir.path(), 30, true, true);
+    let s3 = sb.stats();
+    run_ok(&config, &["--retry-rejected"]);
+    let s4 = sb.stats();
+    assert_eq!(
+        requests_between(&s3, &s4),
+        map(&[
+            ("crid 200", 30),
+            ("search:Patient 200", 30),
+            ("create:Patient 201", 30),
+            ("create:Observation 201", 60),
+        ]),
+    );
+    let ledger = Ledger::open(&state).expect("ledger");
+    assert!(ledger.rejects(&scope).expect("rejects").is_empty());
+
+    // And a normal run afterwards has nothing left to do.
+    run_ok(&config, &[]);
+    assert_eq!(requests_between(&s4, &sb.stats()), map(&[]));
+}
+
+#[test]
+fn a_second_run_on_the_same_state_is_refused_with_exit_4() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sb = Sandbox::start(dir.path(), &[]);
+    let config = nightly_config(dir.path(), &sb);
+    Registry::generate(3, 1).write(dir.path());
+    let state = dir.path().join(".fhirlift");
+    let lock = RunLock::acquire(&state).expect("hold the lock");
+    let before = sb.stats();
+    let o = run_cmd(&config, &[]).output().expect("run");
+    assert_eq!(o.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains(&format!("pid {}", std::process::id())),
+        "{stderr}"
+    );
+    assert_eq!(
+        requests_between(&before, &sb.stats()),
+        map(&[]),
+        "nothing sent"
+    );
+    drop(lock);
+    run_ok(&config, &[]);
+}
+
+#[test]
+fn sigterm_stops_gracefully_and_the_next_run_finishes_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sb = Sandbox::start(dir.path(), &["--latency-ms", "5"]);
+    let config = nightly_config(dir.path(), &sb);
+    let state = dir.path().join(".fhirlift");
+    let reg = Registry::generate(100, 5);
+    reg.write(dir.path());
+    let mut child = run_cmd(&config, &[]).spawn().expect("start a run");
+    let stored = || {
+        let s = sb.stats();
+        s["resources"]["Patient"].as_u64().unwrap_or(0)
+            + s["resources"]["Observation"].as_u64().unwrap_or(0)
+    };
+    while stored() < 50 && child.try_wait().expect("poll").is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait for the run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let report = last_report(&state);
+    assert_eq!(report["exit_code"], 130);
+    assert!(
+        report["stopped"]
+            .as_str()
+            .is_some_and(|s| s.contains("signal")),
+        "{report}"
+    );
+    let partial = stored();
+    assert!(partial < 600, "stopped before the end ({partial} stored)");
+    assert!(
+        report["missing"].as_array().is_some_and(Vec::is_empty),
+        "an interrupted run reports nothing missing"
+    );
+
+    run_ok(&config, &[]);
+    let s = sb.stats();
+    assert_eq!(s["resources"]["Patient"], 100);
+    assert_eq!(s["resources"]["Observation"], 500);
+    let status = fhirlift()
+        .args(["status", "--format", "json"])
+        .arg(&config)
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(status["runs"][1]["exit_code"], 130);
+    assert_eq!(status["targets"][0]["unknown"], 0);
+    assert_eq!(status["targets"][0]["pending"], 0);
 }
