@@ -683,3 +683,56 @@ fn a_generic_fhir_target_takes_the_crid_from_a_column_and_never_calls_the_crid_s
     assert_eq!(sb.stats().requests_total("crid"), 0);
     assert_eq!(sb.stats().resources("Patient"), 2);
 }
+
+/// The README's main command: the samples into the embedded sandbox, twice.
+#[test]
+fn the_samples_load_into_the_embedded_sandbox_and_a_second_run_creates_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let run = || {
+        common::fhirlift()
+            .arg("run")
+            .arg(common::repo().join("samples/pipeline.toml"))
+            .arg("--state")
+            .arg(state.path())
+            .args(["--no-progress", "--concurrency", "16"])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let err = String::from_utf8_lossy(&first.stderr);
+    // The samples hold deliberately bad rows: exit 1, and the summary says where things are.
+    assert_eq!(first.status.code(), Some(1), "{err}");
+    assert!(err.contains("the embedded sandbox"), "{err}");
+    assert!(err.contains("sandbox.sqlite"), "{err}");
+    assert!(err.contains("rejects"), "{err}");
+    let created = |text: &str| -> u64 {
+        let at = text.find(" created,").expect("a created count");
+        text[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let made = created(&err[err.find("finished:").unwrap()..]);
+    assert!(made > 1000, "{err}");
+
+    let second = run();
+    let err2 = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err2}");
+    assert_eq!(
+        created(&err2[err2.find("finished:").unwrap()..]),
+        0,
+        "{err2}"
+    );
+
+    // The store holds each created resource once.
+    let sb = SandboxHandle::start(
+        SandboxConfig {
+            db: Some(state.path().join("sandbox.sqlite")),
+            ..SandboxConfig::default()
+        },
+        "127.0.0.1:0",
+    )
+    .unwrap();
+    let stats = sb.stats();
+    assert_eq!(
+        stats.resources("Patient") + stats.resources("Observation"),
+        made
+    );
+}
