@@ -736,3 +736,29 @@ fn the_samples_load_into_the_embedded_sandbox_and_a_second_run_creates_nothing()
         made
     );
 }
+
+#[test]
+fn a_refused_login_ends_the_run_with_exit_3_before_any_data_is_sent() {
+    let sb = start(SandboxConfig::default());
+    let state = tempfile::tempdir().unwrap();
+    let out = common::fhirlift()
+        .arg("run")
+        .arg(common::repo().join("samples/pipeline.toml"))
+        .arg("--state")
+        .arg(state.path())
+        .args(["--no-progress", "--target", "custom", "--base-url"])
+        .arg(sb.base_url())
+        .arg("--token-url")
+        .arg(sb.token_url())
+        .env("FHIRLIFT_CLIENT_ID", "fhirlift-sandbox")
+        .env("FHIRLIFT_CLIENT_SECRET", "a-wrong-secret")
+        .env("FHIRLIFT_USERNAME", "sandbox-user")
+        .env("FHIRLIFT_PASSWORD", "sandbox-password")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+    assert!(!err.contains("a-wrong-secret"), "{err}");
+    assert_eq!(sb.stats().requests_total("crid"), 0);
+}
