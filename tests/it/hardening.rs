@@ -214,6 +214,12 @@ const CASES: &[Case] = &[
         Fatal("refused"),
     ),
     case(
+        "zip-bomb-lying-size.xlsx",
+        Fatal("larger than its declared uncompressed size"),
+        Patients,
+        Fatal("declared uncompressed size"),
+    ),
+    case(
         "garbage.xls",
         Fatal("not a readable Excel 97-2003"),
         Patients,
