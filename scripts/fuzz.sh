@@ -32,7 +32,7 @@ run() {
   local seeds=()
   [ -d "seeds/$t" ] && seeds+=("seeds/$t")
   cargo fuzz run "${FUZZ_FLAGS[@]}" "$t" "corpus/$t" "${seeds[@]}" -- \
-    -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=4096 -timeout=20 -max_len=1048576 \
+    -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=4096 -timeout=20 -max_len=1048576 -print_final_stats=1 \
     -artifact_prefix="artifacts/$t/" >"logs/$t.log" 2>&1 || true
 }
 
@@ -44,7 +44,7 @@ for ((i = 0; i < ${#TARGETS[@]}; i += 2)); do
 done
 
 for t in "${TARGETS[@]}"; do
-  line=$(grep -E "^Done [0-9]+ runs|#[0-9]+.*(DONE|pulse)" "logs/$t.log" | tail -1 || true)
+  line=$(grep -E "^Done [0-9]+ runs|stat::number_of_executed_units" "logs/$t.log" | tr '\n' ' ' || true)
   findings=$(find "artifacts/$t" -type f | wc -l)
   echo "$t: ${line:-no summary (see fuzz/logs/$t.log)}; findings: $findings"
 done
