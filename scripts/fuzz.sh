@@ -5,6 +5,7 @@
 #
 #   scripts/fuzz.sh                 # every target, 600 s each
 #   scripts/fuzz.sh 60 csv_reader   # one target, 60 s
+#   FUZZ_PARALLEL=4 scripts/fuzz.sh  # all four at once
 #
 # Needs cargo-fuzz (cargo install cargo-fuzz --locked). On a stable toolchain the nightly-only
 # flags cargo-fuzz passes are allowed with RUSTC_BOOTSTRAP=1, which this script sets.
@@ -36,10 +37,12 @@ run() {
     -artifact_prefix="artifacts/$t/" >"logs/$t.log" 2>&1 || true
 }
 
-# Two at a time.
-for ((i = 0; i < ${#TARGETS[@]}; i += 2)); do
-  run "${TARGETS[i]}" &
-  if [ $((i + 1)) -lt ${#TARGETS[@]} ]; then run "${TARGETS[i + 1]}" & fi
+# FUZZ_PARALLEL at a time (default two, one per core).
+PARALLEL="${FUZZ_PARALLEL:-2}"
+for ((i = 0; i < ${#TARGETS[@]}; i += PARALLEL)); do
+  for ((j = i; j < i + PARALLEL && j < ${#TARGETS[@]}; j++)); do
+    run "${TARGETS[j]}" &
+  done
   wait
 done
 

@@ -19,9 +19,9 @@ const COLUMNS: [(&str, ColumnType, &[&str]); 8] = [
     ("d", ColumnType::Decimal, &[]),
     ("b", ColumnType::Boolean, &[]),
     ("da", ColumnType::Date, &[]),
-    ("dt", ColumnType::DateTime, &[]),
+    ("dt", ColumnType::Datetime, &[]),
     ("daf", ColumnType::Date, &["%m/%d/%Y", "%d.%m.%y", "%Y%j"]),
-    ("dtf", ColumnType::DateTime, &["%m/%d/%Y %H:%M", "%s", "%Y-%m-%dT%H:%M:%S%.f%z"]),
+    ("dtf", ColumnType::Datetime, &["%m/%d/%Y %H:%M", "%s", "%Y-%m-%dT%H:%M:%S%.f%z"]),
 ];
 
 const ZONES: [&str; 4] = ["UTC", "America/Chicago", "Pacific/Apia", "Australia/Lord_Howe"];
