@@ -21,10 +21,19 @@ const COLUMNS: [(&str, ColumnType, &[&str]); 8] = [
     ("da", ColumnType::Date, &[]),
     ("dt", ColumnType::Datetime, &[]),
     ("daf", ColumnType::Date, &["%m/%d/%Y", "%d.%m.%y", "%Y%j"]),
-    ("dtf", ColumnType::Datetime, &["%m/%d/%Y %H:%M", "%s", "%Y-%m-%dT%H:%M:%S%.f%z"]),
+    (
+        "dtf",
+        ColumnType::Datetime,
+        &["%m/%d/%Y %H:%M", "%s", "%Y-%m-%dT%H:%M:%S%.f%z"],
+    ),
 ];
 
-const ZONES: [&str; 4] = ["UTC", "America/Chicago", "Pacific/Apia", "Australia/Lord_Howe"];
+const ZONES: [&str; 4] = [
+    "UTC",
+    "America/Chicago",
+    "Pacific/Apia",
+    "Australia/Lord_Howe",
+];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&zone, body)) = data.split_first() else {

@@ -87,7 +87,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(t) = env.get_template(&format!("f{i}.json.j2")) else {
         return;
     };
-    if let Ok(out) = t.render(context! { v => v, w => w, z => "America/Chicago", timezone => "UTC" }) {
+    if let Ok(out) =
+        t.render(context! { v => v, w => w, z => "America/Chicago", timezone => "UTC" })
+    {
         if let Err(e) = serde_json::from_str::<serde_json::Value>(&out) {
             panic!("filter {} rendered invalid JSON ({e}): {out}", FILTERS[i]);
         }
