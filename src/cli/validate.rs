@@ -1,10 +1,54 @@
-//! `fhirlift validate`.
+//! `fhirlift validate`: checks a pipeline config and everything it names, without touching the
+//! network or writing anything. Every problem is reported, then the exit code is 0 (none) or 2.
+//!
+//! The checks are a list of steps feeding one [`Problems`] collector; a stage adds its checks as
+//! another step here rather than printing or exiting on its own.
 
-use super::CommandResult;
+use std::path::PathBuf;
+
+use super::{CommandResult, Outcome};
+use crate::config::{PipelineConfig, Problems};
 
 #[derive(Debug, clap::Args)]
-pub struct ValidateArgs {}
+pub struct ValidateArgs {
+    /// The pipeline file (TOML), e.g. samples/pipeline.toml.
+    pub config: PathBuf,
+}
 
-pub fn run(_args: ValidateArgs) -> CommandResult {
-    Err("`fhirlift validate` is not available in this build yet".into())
+pub fn run(args: ValidateArgs) -> CommandResult {
+    let mut problems = Problems::new();
+    match PipelineConfig::load_unchecked(&args.config) {
+        Err(e) => problems.push_error(&e),
+        Ok(config) => check(&config, &mut problems),
+    }
+    if problems.is_empty() {
+        println!("{}: OK", args.config.display());
+        return Ok(Outcome::Success);
+    }
+    for p in problems.iter() {
+        eprintln!("error: {p}");
+    }
+    eprintln!(
+        "{}: {} problem{} found",
+        args.config.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    Ok(Outcome::ConfigError)
+}
+
+/// Every check that needs the parsed config. Pure: reads files, never the network.
+pub fn check(config: &PipelineConfig, problems: &mut Problems) {
+    for e in config.problems() {
+        problems.push_error(&e);
+    }
+    crate::source::check_sources(config, problems);
+    for mapping in &config.mappings {
+        if !mapping.is_file() {
+            problems.push_message(
+                mapping.display().to_string(),
+                "mapping file not found".to_string(),
+            );
+        }
+    }
 }

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod problems;
+
+pub use problems::{Problem, Problems};
+
 pub use crate::source::row::ColumnType;
 
 /// Default null tokens: cells holding exactly one of these (after trimming) are empty.
@@ -133,7 +137,8 @@ pub struct SourceConfig {
     pub format: Option<SourceFormat>,
     #[serde(default)]
     pub sheet: Option<SheetRef>,
-    /// 1-based row (spreadsheet) or line (CSV) holding the header. Default 1.
+    /// 1-based row (spreadsheet) or line (CSV) holding the header. Default: line 1 of a CSV, the
+    /// first non-empty row of a sheet.
     #[serde(default)]
     pub header_row: Option<u64>,
     /// CSV delimiter: one character, or `tab`. Detected when absent.
@@ -152,6 +157,22 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
+    /// A source with nothing but a path: format from the extension, everything else detected or
+    /// default. `inspect` starts from this and applies its flags.
+    pub fn for_path(path: &Path) -> SourceConfig {
+        SourceConfig {
+            path: path.to_path_buf(),
+            format: None,
+            sheet: None,
+            header_row: None,
+            delimiter: None,
+            encoding: None,
+            null_tokens: None,
+            timezone: None,
+            columns: BTreeMap::new(),
+        }
+    }
+
     /// The format from `format` or, failing that, the file extension.
     pub fn resolved_format(&self) -> Option<SourceFormat> {
         self.format.or_else(|| SourceFormat::from_path(&self.path))
@@ -330,13 +351,23 @@ impl PipelineConfig {
     /// Reads and parses a pipeline file, resolves its relative paths against its folder, and
     /// checks the values that need no I/O. Every problem found is returned, not just the first.
     pub fn load(path: &Path) -> Result<PipelineConfig, Vec<ConfigError>> {
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            vec![ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            }]
+        let config = PipelineConfig::load_unchecked(path).map_err(|e| vec![e])?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Reads, parses and resolves paths, without the value checks of [`PipelineConfig::problems`]:
+    /// `validate` uses it to go on checking sources while reporting the value problems too.
+    pub fn load_unchecked(path: &Path) -> Result<PipelineConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
         })?;
-        let mut config: PipelineConfig = parse_toml(path, &text).map_err(|e| vec![e])?;
+        let mut config: PipelineConfig = parse_toml(path, &text)?;
         let base_dir = path
             .parent()
             .map(Path::to_path_buf)
@@ -359,12 +390,7 @@ impl PipelineConfig {
             config.target.secrets_file = Some(base_dir.join(p));
         }
         config.base_dir = base_dir;
-        let problems = config.check();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(problems)
-        }
+        Ok(config)
     }
 
     /// The state directory: configured, or `.fhirlift` beside the config file.
@@ -380,7 +406,7 @@ impl PipelineConfig {
     }
 
     /// Checks that need no I/O; returns every problem.
-    fn check(&self) -> Vec<ConfigError> {
+    pub fn problems(&self) -> Vec<ConfigError> {
         let mut problems = Vec::new();
         let mut bad = |key: String, message: String| {
             problems.push(ConfigError::Invalid {
