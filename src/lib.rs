@@ -11,6 +11,7 @@ pub mod config;
 pub mod ledger;
 pub mod logging;
 pub mod mapping;
+pub mod pipeline;
 pub mod report;
 pub mod resource;
 pub mod sandbox;

@@ -51,4 +51,20 @@ pub fn check(config: &PipelineConfig, problems: &mut Problems) {
             );
         }
     }
+    if config.mappings.iter().all(|m| m.is_file()) {
+        // The mappings, their templates and lookup tables; then every column a mapping names
+        // (in its file or as `row.<column>` in a template) must be in its source's header.
+        match crate::mapping::MappingSet::load(config) {
+            Ok(set) => {
+                for e in set.check_columns(config) {
+                    problems.push_error(&e);
+                }
+            }
+            Err(errors) => {
+                for e in errors {
+                    problems.push_error(&e);
+                }
+            }
+        }
+    }
 }

@@ -1,1 +1,794 @@
-//! The mapping stage: typed rows → FHIR resources through minijinja templates, in parallel.
+//! The mapping stage: typed rows → FHIR resources through minijinja templates, each one parsed
+//! and validated before it leaves the stage.
+//!
+//! A [`MappingSet`] is built once per run from the pipeline config: the mapping files, every
+//! template under their template folders (compiled into one [`minijinja::Environment`] that rayon
+//! workers share read-only) and the lookup tables. [`MappingSet::map_row`] is pure and thread-safe:
+//! it turns one [`Row`] into a [`MappedRow`] or a [`RowError`]. This module must not read sources,
+//! write files or talk to the network, and it keeps no per-run state: the pipeline
+//! ([`crate::pipeline`]) does the reading, ordering and sending.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use minijinja::value::Value as JValue;
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+
+use crate::config::PipelineConfig;
+use crate::resource::{BusinessIdentifier, MappedPatient, MappedResource};
+use crate::source::{Row, Value};
+use crate::validate::{CibmtrRules, Issue, Severity};
+
+mod error;
+pub mod filters;
+pub mod json;
+pub mod lookup;
+pub mod spec;
+
+pub use error::{MappingError, RowError, TemplateFailure};
+pub use lookup::{LookupTable, Lookups};
+pub use spec::{MappingKind, MappingSpec, WideColumn};
+
+/// Instructions one render may execute: far above what a resource template needs, low enough
+/// that a runaway loop fails the row instead of hanging the run.
+pub const TEMPLATE_FUEL: u64 = 100_000;
+
+/// Separator between the values of a multi-column key, and before a wide column's code.
+pub const KEY_SEPARATOR: &str = ":";
+
+/// One loaded mapping.
+#[derive(Debug)]
+pub struct Mapping {
+    pub spec: MappingSpec,
+    /// The IANA zone naive date-times of its source are read in.
+    pub timezone: String,
+}
+
+impl Mapping {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+}
+
+/// What one row produced.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mapped {
+    Patient(Box<MappedPatient>),
+    /// Zero or more resources (a wide row with no filled column yields none).
+    Resources(Vec<MappedResource>),
+}
+
+/// One row, mapped and validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MappedRow {
+    pub patient_key: String,
+    pub mapped: Mapped,
+    /// Validation warnings (resource type, issue); they do not reject the row.
+    pub warnings: Vec<(String, Issue)>,
+}
+
+/// Every mapping of a pipeline, with its templates and lookup tables.
+pub struct MappingSet {
+    env: Environment<'static>,
+    mappings: Vec<Mapping>,
+    lookups: Arc<Lookups>,
+    rules: CibmtrRules,
+    center: JValue,
+}
+
+impl std::fmt::Debug for MappingSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappingSet")
+            .field("mappings", &self.mappings)
+            .field("lookups", &self.lookups.names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MappingSet {
+    /// Loads every mapping the config lists, their templates and lookup tables. Every problem
+    /// found is returned, not just the first.
+    pub fn load(config: &PipelineConfig) -> Result<MappingSet, Vec<MappingError>> {
+        let mut problems = Vec::new();
+        let mut specs = Vec::new();
+        for path in &config.mappings {
+            match MappingSpec::load(path) {
+                Ok(mut s) => {
+                    // A center's identifiers must not collide with another center's on the
+                    // shared service: systems may name the CCN.
+                    s.identifier_system = s.identifier_system.replace("{ccn}", &config.center.ccn);
+                    specs.push(s)
+                }
+                Err(mut e) => problems.append(&mut e),
+            }
+        }
+        let mut names = HashMap::new();
+        for s in &specs {
+            if let Some(first) = names.insert(s.name.clone(), s.file.clone()) {
+                problems.push(MappingError::Invalid {
+                    path: s.file.clone(),
+                    key: "name".into(),
+                    message: format!(
+                        "mapping name {:?} is already used by {}",
+                        s.name,
+                        first.display()
+                    ),
+                });
+            }
+            if !config.sources.contains_key(&s.source) {
+                problems.push(MappingError::Invalid {
+                    path: s.file.clone(),
+                    key: "source".into(),
+                    message: format!(
+                        "no source {:?} in {} (known: {})",
+                        s.source,
+                        config.file.display(),
+                        config
+                            .sources
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+        }
+        let mut lookups = Lookups::default();
+        for s in &specs {
+            for (name, path) in &s.lookups {
+                if let Err(e) = lookups.add(name, path) {
+                    problems.push(e);
+                }
+            }
+        }
+        let lookups = Arc::new(lookups);
+        let mut env = new_environment(lookups.clone());
+        let mut loaded: HashMap<String, PathBuf> = HashMap::new();
+        let mut dirs: Vec<PathBuf> = specs.iter().map(MappingSpec::template_dir).collect();
+        dirs.dedup();
+        for dir in &dirs {
+            if let Err(mut e) = add_templates(&mut env, dir, &mut loaded) {
+                problems.append(&mut e);
+            }
+        }
+        for s in &specs {
+            for (key, name) in [
+                ("template", Some(&s.template)),
+                ("crid_template", s.crid_template.as_ref()),
+            ] {
+                if let Some(name) = name
+                    && !loaded.contains_key(name.as_str())
+                {
+                    {
+                        problems.push(MappingError::Invalid {
+                            path: s.file.clone(),
+                            key: key.into(),
+                            message: format!(
+                                "no template {name:?} under {}",
+                                s.template_dir().display()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mappings = specs
+            .into_iter()
+            .map(|spec| {
+                let timezone = config
+                    .sources
+                    .get(&spec.source)
+                    .and_then(|s| s.timezone.clone())
+                    .or_else(|| config.defaults.timezone.clone())
+                    .unwrap_or_else(|| "UTC".to_string());
+                Mapping { spec, timezone }
+            })
+            .collect();
+        let rules = CibmtrRules::new(
+            &config.center.ccn,
+            &config.fhir.security_system,
+            &config.fhir.crid_system,
+        );
+        let center = JValue::from_iter([
+            ("ccn", JValue::from(config.center.ccn.as_str())),
+            (
+                "security_system",
+                JValue::from(config.fhir.security_system.as_str()),
+            ),
+            ("security_code", JValue::from(config.security_code())),
+            (
+                "crid_system",
+                JValue::from(config.fhir.crid_system.as_str()),
+            ),
+            ("crid_pending", JValue::from(crate::resource::CRID_PENDING)),
+        ]);
+        Ok(MappingSet {
+            env,
+            mappings,
+            lookups,
+            rules,
+            center,
+        })
+    }
+
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
+    }
+
+    /// A mapping's index by name.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.mappings.iter().position(|m| m.spec.name == name)
+    }
+
+    pub fn lookups(&self) -> &Lookups {
+        &self.lookups
+    }
+
+    pub fn rules(&self) -> &CibmtrRules {
+        &self.rules
+    }
+
+    /// Every source column mapping `index` names: in its file (keys, CRID column, wide columns)
+    /// and as `row.<column>` in its templates. Sorted, with where each is named.
+    pub fn columns_used(&self, index: usize) -> Vec<(String, String)> {
+        let m = &self.mappings[index];
+        let mut out: Vec<(String, String)> = m
+            .spec
+            .named_columns()
+            .into_iter()
+            .map(|(k, c)| (c.to_string(), k.to_string()))
+            .collect();
+        for t in std::iter::once(&m.spec.template).chain(m.spec.crid_template.as_ref()) {
+            if let Ok(tmpl) = self.env.get_template(t) {
+                for var in tmpl.undeclared_variables(true) {
+                    if let Some(col) = var.strip_prefix("row.") {
+                        out.push((col.to_string(), format!("template {t}")));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    /// Opens each mapping's source (header only) and checks that every column it names exists.
+    /// For `fhirlift validate`; reads no data row.
+    pub fn check_columns(&self, config: &PipelineConfig) -> Vec<MappingError> {
+        let mut problems = Vec::new();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let Some(cfg) = config.sources.get(&m.spec.source) else {
+                continue;
+            };
+            let reader = match crate::source::open(&m.spec.source, cfg, &config.defaults) {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push(MappingError::Invalid {
+                        path: m.spec.file.clone(),
+                        key: "source".into(),
+                        message: format!("cannot open source {:?}: {e}", m.spec.source),
+                    });
+                    continue;
+                }
+            };
+            let header = reader.header().clone();
+            for (column, place) in self.columns_used(i) {
+                if header.index_of(&column).is_none() {
+                    problems.push(MappingError::Invalid {
+                        path: m.spec.file.clone(),
+                        key: place,
+                        message: format!(
+                            "column {column:?} is not in source {:?} (columns: {})",
+                            m.spec.source,
+                            header
+                                .columns
+                                .iter()
+                                .map(|c| c.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        problems
+    }
+
+    /// The template context a row gets (without `item`), for `render` to show.
+    pub fn context(&self, index: usize, row: &Row) -> Result<JValue, RowError> {
+        let m = &self.mappings[index];
+        let patient_key = key_of(row, &m.spec.patient_key, "patient key")?;
+        let record_key = key_of(row, &m.spec.record_key, "record key")?;
+        Ok(self.base_context(m, row, &patient_key, &record_key, None))
+    }
+
+    /// Maps one row through mapping `index`. Pure: the same row always gives the same result.
+    pub fn map_row(&self, index: usize, row: &Row) -> Result<MappedRow, RowError> {
+        let m = &self.mappings[index];
+        if row.has_errors() {
+            return Err(RowError::Cells(row.errors.clone()));
+        }
+        let patient_key = key_of(row, &m.spec.patient_key, "patient key")?;
+        let record_key = key_of(row, &m.spec.record_key, "record key")?;
+        let mut warnings = Vec::new();
+        let mapped = match m.spec.kind {
+            MappingKind::Patient => {
+                let identifier = BusinessIdentifier {
+                    system: m.spec.identifier_system.clone(),
+                    value: patient_key.clone(),
+                };
+                let ctx = self.base_context(m, row, &patient_key, &record_key, None);
+                let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
+                let crid_demographics = match &m.spec.crid_template {
+                    Some(t) => Some(self.render_crid(m, row, t, &ctx)?),
+                    None => None,
+                };
+                let known_crid = m
+                    .spec
+                    .crid_column
+                    .as_deref()
+                    .and_then(|c| row.get(c))
+                    .filter(|v| !v.is_null())
+                    .map(|v| v.to_string());
+                Mapped::Patient(Box::new(MappedPatient {
+                    resource: MappedResource {
+                        location: row.location.clone(),
+                        mapping: m.spec.name.clone(),
+                        resource_type: m.spec.resource_type.clone(),
+                        patient_key: patient_key.clone(),
+                        identifier,
+                        body,
+                    },
+                    crid_demographics,
+                    known_crid,
+                }))
+            }
+            MappingKind::Resource if m.spec.wide.is_empty() => {
+                let identifier = BusinessIdentifier {
+                    system: m.spec.identifier_system.clone(),
+                    value: record_key.clone(),
+                };
+                let ctx = self.base_context(m, row, &patient_key, &record_key, None);
+                let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
+                Mapped::Resources(vec![MappedResource {
+                    location: row.location.clone(),
+                    mapping: m.spec.name.clone(),
+                    resource_type: m.spec.resource_type.clone(),
+                    patient_key: patient_key.clone(),
+                    identifier,
+                    body,
+                }])
+            }
+            MappingKind::Resource => {
+                let mut out = Vec::new();
+                for w in &m.spec.wide {
+                    let value = match row.get(&w.column) {
+                        Some(v) if !v.is_null() => v,
+                        _ => continue,
+                    };
+                    let identifier = BusinessIdentifier {
+                        system: m.spec.identifier_system.clone(),
+                        value: format!("{record_key}{KEY_SEPARATOR}{}", w.code),
+                    };
+                    let item = JValue::from_iter([
+                        ("column", JValue::from(w.column.as_str())),
+                        ("code", JValue::from(w.code.as_str())),
+                        ("value", cell_value(value)),
+                    ]);
+                    let ctx =
+                        self.base_context(m, row, &patient_key, &identifier.value, Some(item));
+                    let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
+                    out.push(MappedResource {
+                        location: row.location.clone(),
+                        mapping: m.spec.name.clone(),
+                        resource_type: m.spec.resource_type.clone(),
+                        patient_key: patient_key.clone(),
+                        identifier,
+                        body,
+                    });
+                }
+                Mapped::Resources(out)
+            }
+        };
+        Ok(MappedRow {
+            patient_key,
+            mapped,
+            warnings,
+        })
+    }
+
+    fn base_context(
+        &self,
+        m: &Mapping,
+        row: &Row,
+        patient_key: &str,
+        record_key: &str,
+        item: Option<JValue>,
+    ) -> JValue {
+        let row_value = JValue::from_iter(
+            row.header
+                .columns
+                .iter()
+                .zip(&row.values)
+                .map(|(k, v)| (JValue::from(k.clone()), cell_value(v))),
+        );
+        let identifier_value = match item {
+            Some(_) => record_key.to_string(),
+            None if m.spec.kind == MappingKind::Patient => patient_key.to_string(),
+            None => record_key.to_string(),
+        };
+        let mut members: Vec<(&str, JValue)> = vec![
+            ("row", row_value),
+            ("patient_key", JValue::from(patient_key)),
+            ("record_key", JValue::from(record_key)),
+            (
+                "identifier",
+                JValue::from_iter([
+                    ("system", JValue::from(m.spec.identifier_system.as_str())),
+                    ("value", JValue::from(identifier_value)),
+                ]),
+            ),
+            (
+                "patient_ref",
+                JValue::from(crate::resource::patient_placeholder(patient_key)),
+            ),
+            ("center", self.center.clone()),
+            ("mapping", JValue::from(m.spec.name.as_str())),
+            ("timezone", JValue::from(m.timezone.as_str())),
+        ];
+        if let Some(item) = item {
+            members.push(("item", item));
+        }
+        JValue::from_iter(members)
+    }
+
+    /// Renders a template to text (for `render` and the tests).
+    fn render_text(
+        &self,
+        m: &Mapping,
+        row: &Row,
+        template: &str,
+        ctx: &JValue,
+    ) -> Result<String, RowError> {
+        let t = self
+            .env
+            .get_template(template)
+            .map_err(|e| self.template_error(m, row, &e))?;
+        t.render(ctx).map_err(|e| self.template_error(m, row, &e))
+    }
+
+    fn render_json(
+        &self,
+        m: &Mapping,
+        row: &Row,
+        template: &str,
+        ctx: &JValue,
+    ) -> Result<serde_json::Value, RowError> {
+        let text = self.render_text(m, row, template, ctx)?;
+        let mut value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RowError::Json {
+                location: row.location.clone(),
+                template: template.to_string(),
+                // serde's message names the position in the output, never the output itself.
+                message: format!(
+                    "{} at line {} column {}",
+                    json_error_kind(&e),
+                    e.line(),
+                    e.column()
+                ),
+            })?;
+        json::strip_nulls(&mut value);
+        Ok(value)
+    }
+
+    fn render_resource(
+        &self,
+        m: &Mapping,
+        row: &Row,
+        ctx: &JValue,
+        identifier: &BusinessIdentifier,
+        warnings: &mut Vec<(String, Issue)>,
+    ) -> Result<serde_json::Value, RowError> {
+        let body = self.render_json(m, row, &m.spec.template, ctx)?;
+        let rt = &m.spec.resource_type;
+        let mut issues = Vec::new();
+        match body.get("resourceType").and_then(|v| v.as_str()) {
+            Some(t) if t == rt => {}
+            other => issues.push(Issue {
+                severity: Severity::Error,
+                path: format!("{rt}.resourceType"),
+                message: format!("the template rendered {other:?}, the mapping declares {rt:?}"),
+            }),
+        }
+        if m.spec.kind == MappingKind::Resource && !has_identifier(&body, identifier) {
+            issues.push(Issue {
+                severity: Severity::Error,
+                path: format!("{rt}.identifier"),
+                message: format!(
+                    "must carry the business identifier {}|{} (write {{{{ identifier }}}} in the template)",
+                    identifier.system, identifier.value
+                ),
+            });
+        }
+        issues.extend(crate::validate::validate(&body, &self.rules));
+        if issues.iter().any(|i| i.severity == Severity::Error) {
+            return Err(RowError::Invalid {
+                location: row.location.clone(),
+                resource_type: rt.clone(),
+                issues,
+            });
+        }
+        warnings.extend(issues.into_iter().map(|i| (rt.clone(), i)));
+        Ok(body)
+    }
+
+    fn render_crid(
+        &self,
+        m: &Mapping,
+        row: &Row,
+        template: &str,
+        ctx: &JValue,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, RowError> {
+        match self.render_json(m, row, template, ctx)? {
+            serde_json::Value::Object(map) => Ok(map),
+            _ => Err(RowError::Json {
+                location: row.location.clone(),
+                template: template.to_string(),
+                message: "the CRID template must render a JSON object".into(),
+            }),
+        }
+    }
+
+    /// Turns a minijinja error into the row error it stands for: an unmapped code and a missing
+    /// required value get their own variants; anything else keeps the template's caret view.
+    fn template_error(&self, m: &Mapping, row: &Row, err: &minijinja::Error) -> RowError {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if let Some(u) = e.downcast_ref::<filters::UnmappedCode>() {
+                let column = row
+                    .header
+                    .columns
+                    .iter()
+                    .zip(&row.values)
+                    .find(|(_, v)| matches!(v, Value::Text(s) if s.trim() == u.code))
+                    .map(|(c, _)| c.to_string());
+                return RowError::Unmapped {
+                    location: row.location.clone(),
+                    column,
+                    table: u.table.clone(),
+                    code: u.code.clone(),
+                };
+            }
+            if let Some(r) = e.downcast_ref::<filters::RequiredMissing>() {
+                return RowError::Required {
+                    location: row.location.clone(),
+                    column: r.column.clone(),
+                };
+            }
+            cur = e.source();
+        }
+        RowError::Template {
+            location: row.location.clone(),
+            mapping: m.spec.name.clone(),
+            failure: Box::new(TemplateFailure::from_minijinja(err)),
+        }
+    }
+
+    /// Renders one row for `fhirlift render`: the raw rendered text of each resource template
+    /// (so a broken template can be seen as it came out), then the full mapping result.
+    pub fn render_debug(&self, index: usize, row: &Row) -> Result<Vec<String>, RowError> {
+        let m = &self.mappings[index];
+        let patient_key = key_of(row, &m.spec.patient_key, "patient key")?;
+        let record_key = key_of(row, &m.spec.record_key, "record key")?;
+        let mut out = Vec::new();
+        if m.spec.wide.is_empty() {
+            let ctx = self.base_context(m, row, &patient_key, &record_key, None);
+            out.push(self.render_text(m, row, &m.spec.template, &ctx)?);
+        } else {
+            for w in &m.spec.wide {
+                let Some(value) = row.get(&w.column).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                let item = JValue::from_iter([
+                    ("column", JValue::from(w.column.as_str())),
+                    ("code", JValue::from(w.code.as_str())),
+                    ("value", cell_value(value)),
+                ]);
+                let key = format!("{record_key}{KEY_SEPARATOR}{}", w.code);
+                let ctx = self.base_context(m, row, &patient_key, &key, Some(item));
+                out.push(self.render_text(m, row, &m.spec.template, &ctx)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Eof => "unexpected end of output",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "unexpected data",
+        serde_json::error::Category::Io => "read error",
+    }
+}
+
+fn has_identifier(body: &serde_json::Value, id: &BusinessIdentifier) -> bool {
+    body.get("identifier")
+        .and_then(|v| v.as_array())
+        .is_some_and(|ids| {
+            ids.iter().any(|i| {
+                i.get("system").and_then(|s| s.as_str()) == Some(id.system.as_str())
+                    && i.get("value").and_then(|s| s.as_str()) == Some(id.value.as_str())
+            })
+        })
+}
+
+/// A key from its column(s): values joined with [`KEY_SEPARATOR`]; any empty part is an error.
+fn key_of(row: &Row, columns: &[String], what: &'static str) -> Result<String, RowError> {
+    let mut parts = Vec::with_capacity(columns.len());
+    for c in columns {
+        let text = row
+            .get(c)
+            .filter(|v| !v.is_null())
+            .map(|v| match v {
+                Value::Text(s) => s.trim().to_string(),
+                other => other.to_string(),
+            })
+            .filter(|s| !s.is_empty());
+        match text {
+            Some(t) => parts.push(t),
+            None => {
+                return Err(RowError::EmptyKey {
+                    location: row.location.clone(),
+                    column: c.clone(),
+                    key: what,
+                });
+            }
+        }
+    }
+    Ok(parts.join(KEY_SEPARATOR))
+}
+
+/// A cell as templates see it: text, numbers, booleans as themselves; decimals as
+/// [`filters::DecimalValue`] (scale kept); dates and date-times as ISO text (naive ones without
+/// an offset, for `dateTime` to place in the source's zone).
+pub fn cell_value(v: &Value) -> JValue {
+    match v {
+        Value::Null => JValue::from(()),
+        Value::Text(s) => JValue::from(s.as_str()),
+        Value::Integer(i) => JValue::from(*i),
+        Value::Decimal(d) => JValue::from_object(filters::DecimalValue(*d)),
+        Value::Boolean(b) => JValue::from(*b),
+        other => JValue::from(other.to_string()),
+    }
+}
+
+/// The shared environment: JSON auto-escaping for `*.json.j2`, strict undefined, a fuel limit,
+/// debug info for caret views, our filters, and no loader (templates are added up front, so a
+/// template can neither read files nor the process environment).
+pub fn new_environment(lookups: Arc<Lookups>) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_auto_escape_callback(|name| {
+        if name.ends_with(".json.j2") || name.ends_with(".json") {
+            AutoEscape::Json
+        } else {
+            AutoEscape::None
+        }
+    });
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_debug(true);
+    env.set_formatter(json::formatter);
+    env.add_filter("date", filters::date);
+    env.add_filter("dateTime", filters::date_time);
+    env.add_filter("decimal", filters::decimal);
+    env.add_filter("quantity", filters::quantity);
+    env.add_filter("uuid5", filters::uuid5);
+    env.add_filter("required", filters::required);
+    let l = lookups.clone();
+    env.add_filter("lookup", move |key: JValue, table: String| {
+        filters::lookup_in(&l, &table, &key)
+    });
+    let l = lookups.clone();
+    env.add_function("lookup", move |table: String, key: JValue| {
+        filters::lookup_in(&l, &table, &key)
+    });
+    type Lf = fn(&Lookups, JValue, Option<String>) -> Result<JValue, minijinja::Error>;
+    let table_filters: [(&'static str, Lf); 6] = [
+        ("fhir_gender", filters::fhir_gender),
+        ("crid_gender", filters::crid_gender),
+        ("us_core_race", filters::us_core_race),
+        ("us_core_ethnicity", filters::us_core_ethnicity),
+        ("crid_race", filters::crid_race),
+        ("crid_ethnicity", filters::crid_ethnicity),
+    ];
+    for (name, f) in table_filters {
+        let l = lookups.clone();
+        env.add_filter(name, move |v: JValue, table: Option<String>| {
+            f(&l, v, table)
+        });
+    }
+    env
+}
+
+/// Adds every `*.j2` file under `dir` to the environment, named by its path relative to `dir`
+/// with `/` separators. A name already loaded from another folder must have the same text.
+fn add_templates(
+    env: &mut Environment<'static>,
+    dir: &Path,
+    loaded: &mut HashMap<String, PathBuf>,
+) -> Result<(), Vec<MappingError>> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files).map_err(|source| {
+        vec![MappingError::Read {
+            path: dir.to_path_buf(),
+            source,
+        }]
+    })?;
+    files.sort();
+    let mut problems = Vec::new();
+    let mut texts: BTreeMap<String, String> = BTreeMap::new();
+    for file in files {
+        if file.extension().and_then(|e| e.to_str()) != Some("j2") {
+            continue;
+        }
+        let Ok(rel) = file.strip_prefix(dir) else {
+            continue;
+        };
+        let name = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(source) => {
+                problems.push(MappingError::Read { path: file, source });
+                continue;
+            }
+        };
+        if let Some(prev) = loaded.get(&name) {
+            if std::fs::read_to_string(prev).ok().as_deref() != Some(text.as_str()) {
+                problems.push(MappingError::Invalid {
+                    path: file.clone(),
+                    key: "template".into(),
+                    message: format!("template name {name:?} is also {}", prev.display()),
+                });
+            }
+            continue;
+        }
+        loaded.insert(name.clone(), file.clone());
+        texts.insert(name, text);
+    }
+    for (name, text) in texts {
+        let path = loaded.get(&name).cloned().unwrap_or_default();
+        if let Err(e) = env.add_template_owned(name, text) {
+            problems.push(MappingError::Template {
+                path,
+                failure: TemplateFailure::from_minijinja(&e),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::resource::{BusinessIdentifier, MappedPatient, MappedResource};
 use crate::source::RowLocation;
 
+pub mod dry_run;
 pub mod load;
 
 /// What happened to one resource in a sink.
@@ -59,12 +60,17 @@ pub enum SinkError {
 }
 
 /// A destination for mapped resources.
+///
+/// Each call returns the outcomes of the resources it settled (usually one per resource, in the
+/// order received), so that the pipeline can count and record them as it goes and nobody has to
+/// hold a whole run's outcomes in memory. A sink that settles resources later (e.g. buffered
+/// transaction Bundles) returns their outcomes from a later call or from `finish`.
 pub trait Sink: Send {
     /// A batch of patients, in source row order. Called for every patient before any `resources`.
-    fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<(), SinkError>;
+    fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError>;
     /// A batch of non-Patient resources, in source row order.
-    fn resources(&mut self, batch: Vec<MappedResource>) -> Result<(), SinkError>;
-    /// Flushes everything and returns one outcome per resource received.
+    fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError>;
+    /// Flushes everything and returns the outcomes not returned yet.
     fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError>;
 }
 

@@ -1,0 +1,402 @@
+//! The dry-run sink: writes exactly what a live run would send, as files, and nothing else.
+//!
+//! Outputs in the chosen folder: `<ResourceType>.ndjson` (one resource per line, the bulk-data
+//! convention), `crid-requests.ndjson` (the `PUT /CRID` bodies: personal data), optional
+//! `bundles/bundle-NNNNN.json` transaction Bundles of at most [`BUNDLE_MAX`] entries, and, written
+//! by [`write_manifest`] at the very end, `manifest.json`. Every file is created with mode 0600.
+//! This sink never builds an HTTP client and never calls the CRID service.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::report::{create_private, sha256_file};
+use crate::resource::{MappedPatient, MappedResource};
+
+use super::{OutcomeStatus, RowOutcome, Sink, SinkError};
+
+/// Entries per transaction Bundle: the target refuses more than 50.
+pub const BUNDLE_MAX: usize = 50;
+/// The manifest's file name.
+pub const MANIFEST: &str = "manifest.json";
+/// The CRID requests file's name.
+pub const CRID_REQUESTS: &str = "crid-requests.ndjson";
+
+/// Files that hold personal data beyond what FHIR resources carry (names, SSN, raw cells).
+const PERSONAL_FILES: [&str; 2] = [CRID_REQUESTS, "rejects.csv"];
+
+#[derive(Clone, Debug)]
+pub struct DryRunOptions {
+    /// The center number, for the CRID request bodies.
+    pub ccn: String,
+    /// Also write transaction Bundles.
+    pub bundles: bool,
+}
+
+type FileWriter = std::io::BufWriter<std::fs::File>;
+
+pub struct DryRunSink {
+    dir: PathBuf,
+    opts: DryRunOptions,
+    ndjson: BTreeMap<String, FileWriter>,
+    crid: Option<FileWriter>,
+    bundle_entries: Vec<serde_json::Value>,
+    bundles_written: usize,
+}
+
+impl DryRunSink {
+    /// Prepares the output folder. It must be absent, empty, or a previous dry run's output (it
+    /// has a `manifest.json`), whose files are then removed: stale files must not pass for this
+    /// run's.
+    pub fn create(dir: &Path, opts: DryRunOptions) -> Result<DryRunSink, SinkError> {
+        let io = |path: &Path, source| SinkError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if dir.exists() {
+            let mut entries = std::fs::read_dir(dir).map_err(|e| io(dir, e))?.peekable();
+            if entries.peek().is_some() {
+                if !dir.join(MANIFEST).is_file() {
+                    return Err(io(
+                        dir,
+                        std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "the output folder is not empty and holds no previous dry run",
+                        ),
+                    ));
+                }
+                clear_previous(dir).map_err(|e| io(dir, e))?;
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        if opts.bundles {
+            let b = dir.join("bundles");
+            std::fs::create_dir_all(&b).map_err(|e| io(&b, e))?;
+        }
+        Ok(DryRunSink {
+            dir: dir.to_path_buf(),
+            opts,
+            ndjson: BTreeMap::new(),
+            crid: None,
+            bundle_entries: Vec::new(),
+            bundles_written: 0,
+        })
+    }
+
+    fn io(&self, name: &str, source: std::io::Error) -> SinkError {
+        SinkError::Io {
+            path: self.dir.join(name),
+            source,
+        }
+    }
+
+    fn write_resource(
+        &mut self,
+        r: &MappedResource,
+        full_url: String,
+    ) -> Result<RowOutcome, SinkError> {
+        let name = format!("{}.ndjson", r.resource_type);
+        if !self.ndjson.contains_key(&r.resource_type) {
+            let w = create_private(&self.dir.join(&name)).map_err(|e| self.io(&name, e))?;
+            self.ndjson.insert(r.resource_type.clone(), w);
+        }
+        if let Some(w) = self.ndjson.get_mut(&r.resource_type) {
+            let line = serde_json::to_vec(&r.body).map_err(|e| SinkError::Io {
+                path: self.dir.join(&name),
+                source: std::io::Error::other(e),
+            })?;
+            w.write_all(&line)
+                .and_then(|_| w.write_all(b"\n"))
+                .map_err(|e| SinkError::Io {
+                    path: self.dir.join(&name),
+                    source: e,
+                })?;
+        }
+        if self.opts.bundles {
+            self.bundle_entries.push(serde_json::json!({
+                "fullUrl": full_url,
+                "resource": r.body,
+                "request": {"method": "POST", "url": r.resource_type},
+            }));
+            if self.bundle_entries.len() == BUNDLE_MAX {
+                self.flush_bundle()?;
+            }
+        }
+        Ok(RowOutcome {
+            location: r.location.clone(),
+            resource_type: r.resource_type.clone(),
+            identifier: Some(r.identifier.clone()),
+            status: OutcomeStatus::Written,
+            server_id: None,
+            http_status: None,
+            attempts: 0,
+            message: None,
+        })
+    }
+
+    fn flush_bundle(&mut self) -> Result<(), SinkError> {
+        if self.bundle_entries.is_empty() {
+            return Ok(());
+        }
+        self.bundles_written += 1;
+        let name = format!("bundles/bundle-{:05}.json", self.bundles_written);
+        let bundle = serde_json::json!({
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": std::mem::take(&mut self.bundle_entries),
+        });
+        let mut w = create_private(&self.dir.join(&name)).map_err(|e| self.io(&name, e))?;
+        serde_json::to_writer_pretty(&mut w, &bundle)
+            .map_err(std::io::Error::other)
+            .and_then(|_| w.write_all(b"\n"))
+            .and_then(|_| w.flush())
+            .map_err(|e| self.io(&name, e))
+    }
+}
+
+/// The `fullUrl` of a non-Patient resource in a Bundle: a UUID of its business identifier.
+fn resource_full_url(r: &MappedResource) -> String {
+    format!(
+        "urn:uuid:{}",
+        uuid::Uuid::new_v5(
+            &crate::resource::FHIRLIFT_NAMESPACE,
+            format!(
+                "{}:{}|{}",
+                r.resource_type, r.identifier.system, r.identifier.value
+            )
+            .as_bytes()
+        )
+    )
+}
+
+impl Sink for DryRunSink {
+    fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError> {
+        let mut out = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let url = crate::resource::patient_placeholder(&p.resource.patient_key);
+            out.push(self.write_resource(&p.resource, url)?);
+            if let Some(demographics) = &p.crid_demographics {
+                if self.crid.is_none() {
+                    let w = create_private(&self.dir.join(CRID_REQUESTS))
+                        .map_err(|e| self.io(CRID_REQUESTS, e))?;
+                    self.crid = Some(w);
+                }
+                let body = serde_json::json!({"ccn": self.opts.ccn, "patient": demographics});
+                if let Some(w) = self.crid.as_mut() {
+                    let res = serde_json::to_writer(&mut *w, &body)
+                        .map_err(std::io::Error::other)
+                        .and_then(|_| w.write_all(b"\n"));
+                    if let Err(e) = res {
+                        return Err(self.io(CRID_REQUESTS, e));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError> {
+        batch
+            .iter()
+            .map(|r| self.write_resource(r, resource_full_url(r)))
+            .collect()
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError> {
+        self.flush_bundle()?;
+        let files = std::mem::take(&mut self.ndjson);
+        for (t, mut w) in files {
+            w.flush().map_err(|e| self.io(&format!("{t}.ndjson"), e))?;
+        }
+        if let Some(mut w) = self.crid.take() {
+            w.flush().map_err(|e| self.io(CRID_REQUESTS, e))?;
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// One file in the manifest.
+#[derive(Clone, Debug, Serialize)]
+pub struct ManifestFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// Holds personal data beyond the FHIR resources (names, SSN, raw source cells).
+    pub personal_data: bool,
+}
+
+/// `manifest.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Manifest {
+    pub fhirlift_version: String,
+    pub config_sha256: String,
+    /// Resources written, per resource type.
+    pub counts: BTreeMap<String, u64>,
+    pub files: Vec<ManifestFile>,
+    pub note: String,
+}
+
+/// Writes `manifest.json` over every other file in the folder (sorted by path), after the sink
+/// and the report are done.
+pub fn write_manifest(
+    dir: &Path,
+    config_sha256: &str,
+    counts: &BTreeMap<String, u64>,
+) -> std::io::Result<Manifest> {
+    let mut paths = Vec::new();
+    collect(dir, dir, &mut paths)?;
+    paths.sort();
+    let mut files = Vec::new();
+    for rel in paths {
+        if rel == MANIFEST {
+            continue;
+        }
+        let full = dir.join(&rel);
+        files.push(ManifestFile {
+            bytes: std::fs::metadata(&full)?.len(),
+            sha256: sha256_file(&full)?,
+            personal_data: PERSONAL_FILES.contains(&rel.as_str()),
+            path: rel,
+        });
+    }
+    let manifest = Manifest {
+        fhirlift_version: env!("CARGO_PKG_VERSION").to_string(),
+        config_sha256: config_sha256.to_string(),
+        counts: counts.clone(),
+        files,
+        note: "Every file here holds patient data and is readable by its owner only (mode 0600); \
+               crid-requests.ndjson and rejects.csv also hold names, SSNs and raw source cells."
+            .to_string(),
+    };
+    let mut w = create_private(&dir.join(MANIFEST))?;
+    serde_json::to_writer_pretty(&mut w, &manifest)?;
+    w.write_all(b"\n")?;
+    w.flush()?;
+    Ok(manifest)
+}
+
+fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            collect(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            out.push(
+                rel.components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes a previous dry run's files: those its manifest lists, the manifest, and `bundles/`.
+fn clear_previous(dir: &Path) -> std::io::Result<()> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST))?;
+    let old: serde_json::Value = serde_json::from_str(&text).map_err(std::io::Error::other)?;
+    if let Some(files) = old.get("files").and_then(|f| f.as_array()) {
+        for f in files {
+            if let Some(p) = f.get("path").and_then(|p| p.as_str()) {
+                // Only plain relative names written by us; never follow `..`.
+                if !p.contains("..") && !p.starts_with('/') {
+                    let _ = std::fs::remove_file(dir.join(p));
+                }
+            }
+        }
+    }
+    let bundles = dir.join("bundles");
+    if bundles.is_dir() {
+        std::fs::remove_dir_all(bundles)?;
+    }
+    std::fs::remove_file(dir.join(MANIFEST))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resource::BusinessIdentifier;
+    use crate::source::RowLocation;
+
+    fn obs(n: u64) -> MappedResource {
+        MappedResource {
+            location: RowLocation {
+                file: "labs.csv".into(),
+                sheet: None,
+                row: n + 1,
+            },
+            mapping: "labs".into(),
+            resource_type: "Observation".into(),
+            patient_key: "000123".into(),
+            identifier: BusinessIdentifier {
+                system: "urn:x".into(),
+                value: format!("A{n}"),
+            },
+            body: serde_json::json!({"resourceType": "Observation", "id": format!("o{n}")}),
+        }
+    }
+
+    #[test]
+    fn bundles_hold_at_most_fifty_entries_and_the_manifest_hashes_every_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out");
+        let mut sink = Box::new(
+            DryRunSink::create(
+                &out,
+                DryRunOptions {
+                    ccn: "12001".into(),
+                    bundles: true,
+                },
+            )
+            .expect("create"),
+        );
+        let outcomes = sink.resources((0..120).map(obs).collect()).expect("write");
+        assert_eq!(outcomes.len(), 120);
+        assert!(outcomes.iter().all(|o| o.status == OutcomeStatus::Written));
+        assert!(sink.finish().expect("finish").is_empty());
+        let lines = std::fs::read_to_string(out.join("Observation.ndjson")).expect("ndjson");
+        assert_eq!(lines.lines().count(), 120);
+        let sizes: Vec<usize> = (1..=3)
+            .map(|i| {
+                let text = std::fs::read_to_string(out.join(format!("bundles/bundle-{i:05}.json")))
+                    .expect("bundle");
+                let b: serde_json::Value = serde_json::from_str(&text).expect("json");
+                b["entry"].as_array().map_or(0, Vec::len)
+            })
+            .collect();
+        assert_eq!(sizes, vec![50, 50, 20]);
+        let counts = BTreeMap::from([("Observation".to_string(), 120)]);
+        let m = write_manifest(&out, "cafe", &counts).expect("manifest");
+        assert_eq!(m.files.len(), 4);
+        assert_eq!(m.files[3].path, "bundles/bundle-00003.json");
+        // A second dry run into the same folder replaces the first.
+        let again = DryRunSink::create(
+            &out,
+            DryRunOptions {
+                ccn: "12001".into(),
+                bundles: false,
+            },
+        );
+        assert!(again.is_ok());
+        assert!(!out.join("Observation.ndjson").exists());
+    }
+
+    #[test]
+    fn a_foreign_non_empty_folder_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("thesis.docx"), b"x").expect("w");
+        let r = DryRunSink::create(
+            dir.path(),
+            DryRunOptions {
+                ccn: "12001".into(),
+                bundles: false,
+            },
+        );
+        assert!(r.is_err());
+        assert!(dir.path().join("thesis.docx").exists());
+    }
+}
