@@ -80,17 +80,122 @@ pub fn run_live(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> su
         }
     };
 
+    let (sink, summary) = match build_sink(args, config, &session, scope, remote, &store) {
+        Ok(x) => x,
+        Err(e) => {
+            // The run was recorded as started: record how it ended too.
+            let message = super::error_chain(&*e);
+            session.finish(RunEnd {
+                fatal: Some(message.clone()),
+                ..RunEnd::default()
+            })?;
+            eprintln!("error: {message}");
+            return Ok(Outcome::TargetError);
+        }
+    };
+
+    let report_dir = state_dir
+        .join(crate::ledger::report::REPORTS_DIR)
+        .join(format!("run-{}", session.run_id()));
+    let opts = RunOptions {
+        jobs: args.jobs,
+        batch_size: args.batch_size,
+        report_dir: report_dir.clone(),
+        config_sha256: pipeline::config_sha256(&config.file)?,
+        dry_run: false,
+        progress: !args.no_progress,
+    };
+    let result = pipeline::run(set, &mut ConfigSources { config }, sink, &opts);
+    let retried = summary
+        .lock()
+        .ok()
+        .and_then(|s| s.as_ref().map(|s| s.retried))
+        .unwrap_or(0);
+    let end = match &result {
+        Ok(report) => RunEnd {
+            row_errors: report.rows_rejected,
+            retried,
+            ..RunEnd::default()
+        },
+        Err(PipelineError::Sink(SinkError::Interrupted)) => RunEnd::default(),
+        Err(PipelineError::Sink(e)) => RunEnd {
+            fatal: Some(super::error_chain(e)),
+            retried,
+            ..RunEnd::default()
+        },
+        // The source or the report folder failed: nothing more can be read.
+        Err(e) => RunEnd {
+            fatal: Some(super::error_chain(e)),
+            input_error: true,
+            ..RunEnd::default()
+        },
+    };
+    let finished = session.finish(end)?;
+    if let Ok(Some(s)) = summary.lock().map(|s| s.clone()) {
+        eprint!("{s}");
+    }
+    if let Ok(report) = &result {
+        eprint!("{}", report.summary());
+    }
+    if let Err(e) = &result {
+        eprintln!("error: {}", super::error_chain(e));
+    }
+    let c = &finished.counts;
+    if c.missing > 0 {
+        eprintln!(
+            "{} records sent earlier are no longer in the source (the API cannot delete them); see the run report",
+            c.missing
+        );
+    }
+    if let Some(why) = &finished.stopped {
+        eprintln!("run stopped: {why}");
+    }
+    eprintln!(
+        "run #{} finished: {} created, {} updated, {} unchanged, {} rejected, {} unknown; report {}; rejects {}",
+        finished.run_id,
+        c.created,
+        c.updated,
+        c.unchanged,
+        c.rejected,
+        c.unknown,
+        finished.report.display(),
+        report_dir.join("rejects.csv").display()
+    );
+    Ok(finished.outcome)
+}
+
+type BuildResult = Result<
+    (
+        Box<dyn crate::sink::Sink>,
+        std::sync::Arc<std::sync::Mutex<Option<crate::sink::load::summary::LoadSummary>>>,
+    ),
+    Box<dyn std::error::Error + Send + Sync>,
+>;
+
+/// The loader (with the embedded sandbox when it is the target), wrapped by the session.
+fn build_sink(
+    args: &RunArgs,
+    config: &PipelineConfig,
+    session: &RunSession,
+    scope: Scope,
+    remote: Option<(Endpoints, Auth)>,
+    store: &Path,
+) -> BuildResult {
     let (endpoints, auth, keep_alive) = match remote {
         Some((endpoints, auth)) => (endpoints, auth, None),
         None => {
             let sandbox = SandboxHandle::start(
                 SandboxConfig {
-                    db: Some(store.clone()),
+                    db: Some(store.to_path_buf()),
                     ..SandboxConfig::default()
                 },
                 "127.0.0.1:0",
             )?;
-            let account = SandboxConfig::default().accounts.remove(0);
+            let account = SandboxConfig::default()
+                .accounts
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             let base = url::Url::parse(&sandbox.base_url())?;
             let token = url::Url::parse(&sandbox.token_url())?;
             let auth = Auth::OAuth {
@@ -128,83 +233,8 @@ pub fn run_live(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> su
     }
     let summary = loader.summary_handle();
     let sink = session.wrap(Box::new(loader))?;
+    Ok((sink, summary))
 
-    let report_dir = state_dir
-        .join(crate::ledger::report::REPORTS_DIR)
-        .join(format!("run-{}", session.run_id()));
-    let opts = RunOptions {
-        jobs: args.jobs,
-        batch_size: args.batch_size,
-        report_dir: report_dir.clone(),
-        config_sha256: pipeline::config_sha256(&config.file)?,
-        dry_run: false,
-        progress: !args.no_progress,
-    };
-    let result = pipeline::run(set, &mut ConfigSources { config }, sink, &opts);
-    let retried = summary
-        .lock()
-        .ok()
-        .and_then(|s| s.as_ref().map(|s| s.retried))
-        .unwrap_or(0);
-    let (end, input_error) = match &result {
-        Ok(report) => (
-            RunEnd {
-                row_errors: report.rows_rejected,
-                retried,
-                ..RunEnd::default()
-            },
-            None,
-        ),
-        Err(PipelineError::Sink(SinkError::Interrupted)) => (RunEnd::default(), None),
-        Err(PipelineError::Sink(e)) => (
-            RunEnd {
-                fatal: Some(super::error_chain(e)),
-                retried,
-                ..RunEnd::default()
-            },
-            None,
-        ),
-        // The source or the report folder failed: nothing more can be read.
-        Err(e) => (
-            RunEnd {
-                fatal: Some(super::error_chain(e)),
-                ..RunEnd::default()
-            },
-            Some(Outcome::ConfigError),
-        ),
-    };
-    let finished = session.finish(end)?;
-    if let Ok(Some(s)) = summary.lock().map(|s| s.clone()) {
-        eprint!("{s}");
-    }
-    if let Ok(report) = &result {
-        eprint!("{}", report.summary());
-    }
-    if let Err(e) = &result {
-        eprintln!("error: {}", super::error_chain(e));
-    }
-    let c = &finished.counts;
-    if c.missing > 0 {
-        eprintln!(
-            "{} records sent earlier are no longer in the source (the API cannot delete them); see the run report",
-            c.missing
-        );
-    }
-    if let Some(why) = &finished.stopped {
-        eprintln!("run stopped: {why}");
-    }
-    eprintln!(
-        "run #{} finished: {} created, {} updated, {} unchanged, {} rejected, {} unknown; report {}; rejects {}",
-        finished.run_id,
-        c.created,
-        c.updated,
-        c.unchanged,
-        c.rejected,
-        c.unknown,
-        finished.report.display(),
-        report_dir.join("rejects.csv").display()
-    );
-    Ok(input_error.unwrap_or(finished.outcome))
 }
 
 fn absolute(p: &Path) -> PathBuf {
