@@ -75,11 +75,17 @@ value = {{ type = "decimal" }}
 ref_low = {{ type = "decimal" }}
 ref_high = {{ type = "decimal" }}
 collected_at = {{ type = "datetime" }}
-"#,
+{}"#,
         repo.join("mappings/cibmtr-patient.toml")
             .display()
             .to_string(),
         repo.join("mappings/cibmtr-lab.toml").display().to_string(),
+        match base_url {
+            Some(b) => format!(
+                "\n[target]\nkind = \"custom\"\nbase_url = {b:?}\ntoken_url = \"{b}/oauth2/token\"\n"
+            ),
+            None => String::new(),
+        }
     );
     let path = dir.join("pipeline.toml");
     std::fs::write(&path, text).expect("write config");

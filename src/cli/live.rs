@@ -234,7 +234,6 @@ fn build_sink(
     let summary = loader.summary_handle();
     let sink = session.wrap(Box::new(loader))?;
     Ok((sink, summary))
-
 }
 
 fn absolute(p: &Path) -> PathBuf {

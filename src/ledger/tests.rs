@@ -615,9 +615,7 @@ mod wrapped_sink {
         let session =
             RunSession::start(&config, &state, scope(), SessionOptions::default()).unwrap();
         let reached = Arc::new(Mutex::new(Vec::new()));
-        let mut sink = session
-            .wrap(Box::new(Recording(reached.clone())))
-            .unwrap();
+        let mut sink = session.wrap(Box::new(Recording(reached.clone()))).unwrap();
         session.stop().trigger();
         assert!(matches!(
             sink.patients(vec![patient("P1", 2)]),
