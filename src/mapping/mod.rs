@@ -631,11 +631,17 @@ fn has_identifier(body: &serde_json::Value, id: &BusinessIdentifier) -> bool {
 fn key_of(row: &Row, columns: &[String], what: &'static str) -> Result<String, RowError> {
     let mut parts = Vec::with_capacity(columns.len());
     for c in columns {
-        match row.get(c) {
-            Some(v) if !v.is_null() && !v.to_string().trim().is_empty() => {
-                parts.push(v.to_string().trim().to_string())
-            }
-            _ => {
+        let text = row
+            .get(c)
+            .filter(|v| !v.is_null())
+            .map(|v| match v {
+                Value::Text(s) => s.trim().to_string(),
+                other => other.to_string(),
+            })
+            .filter(|s| !s.is_empty());
+        match text {
+            Some(t) => parts.push(t),
+            None => {
                 return Err(RowError::EmptyKey {
                     location: row.location.clone(),
                     column: c.clone(),

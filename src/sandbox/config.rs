@@ -61,8 +61,8 @@ impl Default for Account {
 }
 
 /// Fault injection. Rates are probabilities in `[0, 1]`, drawn from one RNG seeded with
-/// [`SandboxConfig::seed`], in arrival order.
-#[derive(Clone, Debug, Default)]
+/// [`SandboxConfig::seed`], in arrival order. `Default` injects nothing (and `Retry-After: 1`).
+#[derive(Clone, Debug)]
 pub struct Faults {
     /// Added to every faulted request before it is handled.
     pub latency_ms: u64,
@@ -83,7 +83,23 @@ pub struct Faults {
     pub include_token_endpoint: bool,
 }
 
+impl Default for Faults {
+    fn default() -> Faults {
+        Faults {
+            latency_ms: 0,
+            jitter_ms: 0,
+            error_rate: 0.0,
+            throttle_rate: 0.0,
+            retry_after_secs: 1,
+            drop_rate: 0.0,
+            lost_answer_rate: 0.0,
+            include_token_endpoint: false,
+        }
+    }
+}
+
 impl Faults {
+    /// Whether any fault (latency included) is configured.
     pub fn any(&self) -> bool {
         self.latency_ms > 0
             || self.jitter_ms > 0
@@ -118,10 +134,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             accounts: vec![Account::default()],
             token_ttl_secs: 1800,
-            faults: Faults {
-                retry_after_secs: 1,
-                ..Faults::default()
-            },
+            faults: Faults::default(),
             seed: 0,
             db: None,
             max_bundle_entries: 50,

@@ -7,10 +7,11 @@
 //! expressions name the FHIR path; they never echo resource values.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use serde_json::{Map, Value, json};
 
-use super::store::{Condition, Index, RefEntry, Store, StoreError, TokenEntry, TokenMatch};
+use super::store::{Condition, Index, RefEntry, Store, StoreError, TokenEntry, TokenMatch, lock};
 use super::{CENTER_SYSTEM, CENTER_SYSTEM_TERMINOLOGY, CRID_SYSTEM, CRID_SYSTEM_TERMINOLOGY};
 use crate::validate::{Issue, Severity};
 
@@ -207,60 +208,28 @@ fn parse_json(body: &[u8]) -> Result<Value, FhirError> {
     })
 }
 
-/// FHIR R4 structure checks for a resource the sandbox accepts (a small subset until the shared
-/// validator is wired in).
+/// FHIR R4 structure checks, shared with the mapping stage. Patients reach this with the
+/// server's narrative already written, so the IG's minimal Patient (`text` without `div`) passes.
 fn r4_issues(resource: &Value) -> Vec<Issue> {
-    let mut out = Vec::new();
-    let t = resource
-        .get("resourceType")
-        .and_then(Value::as_str)
-        .unwrap_or("Resource");
-    let mut err = |path: String, message: &str| {
-        out.push(Issue {
-            severity: Severity::Error,
-            path,
-            message: message.to_string(),
-        })
-    };
-    if let Some(text) = resource.get("text")
-        && !text.get("div").is_some_and(Value::is_string)
-    {
-        err(
-            format!("{t}.text.div"),
-            "Narrative.div is required when text is present",
-        );
-    }
-    if t == "Observation" {
-        const STATUS: &[&str] = &[
-            "registered",
-            "preliminary",
-            "final",
-            "amended",
-            "corrected",
-            "cancelled",
-            "entered-in-error",
-            "unknown",
-        ];
-        match resource.get("status").and_then(Value::as_str) {
-            Some(s) if STATUS.contains(&s) => {}
-            Some(_) => err(format!("{t}.status"), "not a valid observation status"),
-            None => err(format!("{t}.status"), "status is required"),
-        }
-        if !resource.get("code").is_some_and(Value::is_object) {
-            err(format!("{t}.code"), "code is required");
-        }
-    }
-    out
+    crate::validate::validate_r4(resource)
 }
 
-/// Checks and normalizes a resource about to be stored; returns its center and its index rows.
-fn prepare(
-    store: &Store,
+/// A resource that passed the checks that need no store: its center, its index rows and the
+/// Patient its `subject` names (checked against the store by [`link_subject`]).
+struct Checked {
+    ccn: String,
+    index: Index,
+    subject: Option<(i64, String)>,
+}
+
+/// Checks and normalizes a resource about to be stored, without the store (so that it can run
+/// outside the store lock).
+fn check(
     ctx: &Ctx<'_>,
     tdef: &TypeDef,
     body: &mut Value,
     prefix: Option<&str>,
-) -> Result<(String, Index), FhirError> {
+) -> Result<Checked, FhirError> {
     let t = tdef.name;
     let obj = body.as_object_mut().ok_or_else(|| {
         FhirError::at(
@@ -301,6 +270,7 @@ fn prepare(
         });
     }
     let mut index = Index::default();
+    let mut subject = None;
     index_tokens(body, "identifier", &["identifier"], &mut index);
     index_tokens(body, "_security", &["meta", "security"], &mut index);
     if tdef.code {
@@ -322,32 +292,42 @@ fn prepare(
                     path.clone(),
                 )
             })?;
-        match store.ccn_of("Patient", target)? {
-            None => {
-                return Err(FhirError::at(
-                    422,
-                    "invalid",
-                    "the referenced Patient does not exist",
-                    path,
-                ));
-            }
-            Some(c) if !ctx.ccns.contains(&c) => {
-                return Err(FhirError::at(
-                    403,
-                    "forbidden",
-                    "the referenced Patient belongs to a center this token may not use",
-                    path,
-                ));
-            }
-            Some(_) => {}
-        }
-        index.refs.push(RefEntry {
-            param: "subject",
-            target_type: "Patient".into(),
-            target_id: target,
-        });
+        subject = Some((target, path));
     }
-    Ok((ccn, index))
+    Ok(Checked {
+        ccn,
+        index,
+        subject,
+    })
+}
+
+/// The subject must be a stored Patient of a center the token may use.
+fn link_subject(store: &Store, ctx: &Ctx<'_>, checked: &mut Checked) -> Result<(), FhirError> {
+    let Some((target, path)) = checked.subject.take() else {
+        return Ok(());
+    };
+    match store.ccn_of("Patient", target)? {
+        None => Err(FhirError::at(
+            422,
+            "invalid",
+            "the referenced Patient does not exist",
+            path,
+        )),
+        Some(c) if !ctx.ccns.contains(&c) => Err(FhirError::at(
+            403,
+            "forbidden",
+            "the referenced Patient belongs to a center this token may not use",
+            path,
+        )),
+        Some(_) => {
+            checked.index.refs.push(RefEntry {
+                param: "subject",
+                target_type: "Patient".into(),
+                target_id: target,
+            });
+            Ok(())
+        }
+    }
 }
 
 /// Finds the center label and checks the token may use it.
@@ -516,27 +496,34 @@ fn create_in(
     store: &mut Store,
     ctx: &Ctx<'_>,
     tdef: &TypeDef,
+    mut checked: Checked,
     mut body: Value,
-    prefix: Option<&str>,
     id: Option<i64>,
-) -> Result<(i64, Value), FhirError> {
-    let (ccn, index) = prepare(store, ctx, tdef, &mut body, prefix)?;
+) -> Result<(i64, String), FhirError> {
+    link_subject(store, ctx, &mut checked)?;
     let id = id.unwrap_or_else(|| store.allocate_id());
     stamp(&mut body, id, 1, &ctx.now);
-    store.insert(id, tdef.name, &ccn, &ctx.now, &serialize(&body), &index)?;
-    Ok((id, body))
+    let text = serialize(&body);
+    store.insert(id, tdef.name, &checked.ccn, &ctx.now, &text, &checked.index)?;
+    Ok((id, text))
 }
 
-/// `POST /r4/{type}`.
-pub fn create(store: &mut Store, ctx: &Ctx<'_>, t: &str, raw: &[u8]) -> Result<FhirOk, FhirError> {
+/// `POST /r4/{type}`. Parsing and validation run before the store is locked.
+pub fn create(
+    store: &Mutex<Store>,
+    ctx: &Ctx<'_>,
+    t: &str,
+    raw: &[u8],
+) -> Result<FhirOk, FhirError> {
     let tdef = known_type(t)?;
-    let body = parse_json(raw)?;
-    let (id, body) = store.transaction(|s| create_in(s, ctx, tdef, body, None, None))?;
+    let mut body = parse_json(raw)?;
+    let checked = check(ctx, tdef, &mut body, None)?;
+    let (id, text) = lock(store).transaction(|s| create_in(s, ctx, tdef, checked, body, None))?;
     Ok(FhirOk {
         status: 201,
         location: Some(location(ctx, t, id, 1)),
         version: Some(1),
-        body: serialize(&body),
+        body: text,
     })
 }
 
@@ -552,9 +539,10 @@ fn update_in(
     ctx: &Ctx<'_>,
     tdef: &TypeDef,
     id: &str,
+    mut checked: Checked,
     mut body: Value,
     prefix: Option<&str>,
-) -> Result<(i64, i64, Value), FhirError> {
+) -> Result<(i64, i64, String), FhirError> {
     let t = tdef.name;
     let body_id = body.get("id").and_then(Value::as_str);
     if body_id != Some(id) {
@@ -575,30 +563,33 @@ fn update_in(
             "the stored resource belongs to a center this token may not use",
         ));
     }
-    let (ccn, index) = prepare(store, ctx, tdef, &mut body, prefix)?;
+    link_subject(store, ctx, &mut checked)?;
     let version = old.version + 1;
     stamp(&mut body, rid, version, &ctx.now);
-    store.update(rid, &ccn, version, &ctx.now, &serialize(&body), &index)?;
-    Ok((rid, version, body))
+    let text = serialize(&body);
+    store.update(rid, &checked.ccn, version, &ctx.now, &text, &checked.index)?;
+    Ok((rid, version, text))
 }
 
 /// `PUT /r4/{type}/{id}`: a new version of an existing resource. An unknown id is a 404: the
 /// server assigns ids, so update-as-create is not offered.
 pub fn update(
-    store: &mut Store,
+    store: &Mutex<Store>,
     ctx: &Ctx<'_>,
     t: &str,
     id: &str,
     raw: &[u8],
 ) -> Result<FhirOk, FhirError> {
     let tdef = known_type(t)?;
-    let body = parse_json(raw)?;
-    let (rid, version, body) = store.transaction(|s| update_in(s, ctx, tdef, id, body, None))?;
+    let mut body = parse_json(raw)?;
+    let checked = check(ctx, tdef, &mut body, None)?;
+    let (rid, version, text) =
+        lock(store).transaction(|s| update_in(s, ctx, tdef, id, checked, body, None))?;
     Ok(FhirOk {
         status: 200,
         location: Some(location(ctx, t, rid, version)),
         version: Some(version),
-        body: serialize(&body),
+        body: text,
     })
 }
 
@@ -808,6 +799,13 @@ fn resolve_references(v: &mut Value, map: &HashMap<String, String>) {
     }
 }
 
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Pass {
+    CreatePatients,
+    CreateOthers,
+    Update,
+}
+
 enum EntryOp {
     Create { tdef: &'static TypeDef, id: i64 },
     Update { tdef: &'static TypeDef, id: String },
@@ -937,17 +935,22 @@ pub fn transaction(store: &mut Store, ctx: &Ctx<'_>, raw: &[u8]) -> Result<FhirO
                 }
             }
         }
-        // FHIR processing order: creates before updates; answers stay in entry order.
+        // FHIR processing order: creates before updates. Patients are created first because
+        // the other types' `subject` must name a Patient that exists. Answers stay in entry order.
         let mut out: Vec<Value> = vec![Value::Null; entries.len()];
-        for creates in [true, false] {
+        for pass in [Pass::CreatePatients, Pass::CreateOthers, Pass::Update] {
             for (i, op) in ops.iter().enumerate() {
                 let prefix = format!("Bundle.entry[{i}].resource");
                 match op {
-                    EntryOp::Create { tdef, id } if creates => {
-                        let Some(resource) = resources[i].take() else {
+                    EntryOp::Create { tdef, id }
+                        if pass == Pass::CreatePatients && tdef.name == "Patient"
+                            || pass == Pass::CreateOthers && tdef.name != "Patient" =>
+                    {
+                        let Some(mut resource) = resources[i].take() else {
                             continue;
                         };
-                        create_in(s, ctx, tdef, resource, Some(&prefix), Some(*id))?;
+                        let checked = check(ctx, tdef, &mut resource, Some(&prefix))?;
+                        create_in(s, ctx, tdef, checked, resource, Some(*id))?;
                         out[i] = json!({
                             "response": {
                                 "status": "201 Created",
@@ -957,12 +960,13 @@ pub fn transaction(store: &mut Store, ctx: &Ctx<'_>, raw: &[u8]) -> Result<FhirO
                             }
                         });
                     }
-                    EntryOp::Update { tdef, id } if !creates => {
-                        let Some(resource) = resources[i].take() else {
+                    EntryOp::Update { tdef, id } if pass == Pass::Update => {
+                        let Some(mut resource) = resources[i].take() else {
                             continue;
                         };
+                        let checked = check(ctx, tdef, &mut resource, Some(&prefix))?;
                         let (rid, version, _) =
-                            update_in(s, ctx, tdef, id, resource, Some(&prefix))?;
+                            update_in(s, ctx, tdef, id, checked, resource, Some(&prefix))?;
                         out[i] = json!({
                             "response": {
                                 "status": "200 OK",
@@ -992,7 +996,7 @@ pub fn transaction(store: &mut Store, ctx: &Ctx<'_>, raw: &[u8]) -> Result<FhirO
 }
 
 /// `GET /r4/metadata`: exactly what this server supports.
-pub fn capability_statement(ctx: &Ctx<'_>, now: &str) -> String {
+pub fn capability_statement(base: &str, now: &str) -> String {
     let resources: Vec<Value> = TYPES
         .iter()
         .map(|t| {
@@ -1031,7 +1035,7 @@ pub fn capability_statement(ctx: &Ctx<'_>, now: &str) -> String {
         "software": {"name": "fhirlift sandbox", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {
             "description": "Local stand-in for the CIBMTR Direct FHIR API",
-            "url": format!("{}/r4", ctx.base),
+            "url": format!("{}/r4", base),
         },
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
@@ -1042,7 +1046,7 @@ pub fn capability_statement(ctx: &Ctx<'_>, now: &str) -> String {
                     "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                     "code": "OAuth",
                 }]}],
-                "description": format!("OAuth2 bearer tokens from {}/oauth2/token (password or client_credentials grant)", ctx.base),
+                "description": format!("OAuth2 bearer tokens from {}/oauth2/token (password or client_credentials grant)", base),
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}],
@@ -1053,4 +1057,89 @@ pub fn capability_statement(ctx: &Ctx<'_>, now: &str) -> String {
             ],
         }],
     }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_paths_are_rebased_into_bundle_entries() {
+        assert_eq!(locate(None, "Observation.status"), "Observation.status");
+        assert_eq!(
+            locate(
+                Some("Bundle.entry[2].resource"),
+                "Observation.code.coding[0]"
+            ),
+            "Bundle.entry[2].resource.code.coding[0]"
+        );
+        assert_eq!(
+            locate(Some("Bundle.entry[0].resource"), "Patient"),
+            "Bundle.entry[0].resource"
+        );
+    }
+
+    #[test]
+    fn token_values_follow_fhir_semantics() {
+        let m = token_matches("identifier", "s|v,|w,x,s|").unwrap();
+        let pairs: Vec<(Option<&str>, Option<&str>)> = m
+            .iter()
+            .map(|t| (t.system.as_deref(), t.value.as_deref()))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![
+                (Some("s"), Some("v")),
+                (Some(""), Some("w")),
+                (None, Some("x")),
+                (Some("s"), None)
+            ]
+        );
+        assert!(token_matches("identifier", "a,,b").is_err());
+    }
+
+    #[test]
+    fn bundle_references_are_resolved_everywhere() {
+        let mut v = json!({
+            "subject": {"reference": "urn:uuid:1"},
+            "hasMember": [{"reference": "urn:uuid:1"}, {"reference": "Patient/9"}],
+            "note": [{"text": "urn:uuid:1"}],
+        });
+        let map = HashMap::from([("urn:uuid:1".to_string(), "Patient/5".to_string())]);
+        resolve_references(&mut v, &map);
+        assert_eq!(v["subject"]["reference"], "Patient/5");
+        assert_eq!(v["hasMember"][0]["reference"], "Patient/5");
+        assert_eq!(v["hasMember"][1]["reference"], "Patient/9");
+        assert_eq!(
+            v["note"][0]["text"], "urn:uuid:1",
+            "only references are rewritten"
+        );
+    }
+
+    #[test]
+    fn redaction_keeps_what_is_not_personal() {
+        let mut p = json!({
+            "resourceType": "Patient",
+            "meta": {"security": [{"system": CENTER_SYSTEM, "code": "rc_12001"}]},
+            "name": [{"family": "X"}],
+            "identifier": [
+                {"system": SSN_SYSTEM, "value": "123-45-6789"},
+                {"system": CRID_SYSTEM, "value": "<7>"}
+            ],
+            "gender": "male"
+        });
+        let obj = p.as_object_mut().unwrap();
+        redact_patient(obj, "12001");
+        redact_patient(obj, "12001");
+        assert!(p.get("name").is_none());
+        assert_eq!(p["identifier"].as_array().unwrap().len(), 1);
+        assert_eq!(p["gender"], "male");
+        assert_eq!(
+            p["text"]["div"],
+            "<div xmlns=\"http://www.w3.org/1999/xhtml\">RC 12001 Patient with CRID &lt;7&gt;</div>"
+        );
+        // Redacting twice adds the label once.
+        assert_eq!(p["meta"]["security"].as_array().unwrap().len(), 2);
+    }
 }

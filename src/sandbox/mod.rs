@@ -61,10 +61,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), SandboxError> {
-    let state = server::State::new(
-        config,
-        listener.local_addr().map_err(SandboxError::Runtime)?,
-    )?;
+    let addr = listener.local_addr().map_err(SandboxError::Runtime)?;
+    let state = server::State::new(config, addr)?;
+    tracing::info!(addr = %addr, "Sandbox started");
     server::accept_loop(Arc::new(state), listener, shutdown).await;
     Ok(())
 }

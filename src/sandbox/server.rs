@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -23,7 +23,7 @@ use super::config::SandboxConfig;
 use super::crid::{CridRequest, lookup_or_assign};
 use super::fhir::{self, Ctx, FhirError, FhirOk};
 use super::stats::{Counters, Stats};
-use super::store::Store;
+use super::store::{Store, lock};
 use super::{SandboxError, TOKEN_PATH};
 
 type Resp = Response<Full<Bytes>>;
@@ -61,12 +61,6 @@ pub struct State {
     tokens: Mutex<HashMap<String, Grant>>,
     rng: Mutex<StdRng>,
     counters: Counters,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a lock leaves data that is still consistent for our uses (counters,
-    // tokens, a store whose SQLite transaction was rolled back), so keep serving.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl State {
@@ -334,9 +328,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Cut> 
             )));
         }
     };
+    let counted = !matches!(route, Route::Stats);
     let resp = dispatch(&state, route, &parts, &body);
     tracing::trace!(interaction = %interaction, status = resp.status().as_u16(), "Sandbox request");
-    state.counters.request(&interaction, resp.status().as_str());
+    if counted {
+        state.counters.request(&interaction, resp.status().as_str());
+    }
     if plan.lose_answer {
         state.counters.fault("lost_answer");
         return Err(Cut);
@@ -401,6 +398,12 @@ fn dispatch(state: &State, route: Route, parts: &hyper::http::request::Parts, bo
             serde_json::to_string(&state.stats()).unwrap_or_default(),
         ),
         Route::Token => token(state, &parts.headers, body),
+        // Capabilities are public, as on most FHIR servers: a client may look before it logs in.
+        Route::Metadata => respond(
+            200,
+            FHIR_JSON,
+            fhir::capability_statement(&state.base, &now_string()),
+        ),
         Route::Crid => crid(state, parts, body),
         Route::Unsupported => fhir_error(&FhirError::new(
             405,
@@ -439,14 +442,8 @@ fn dispatch(state: &State, route: Route, parts: &hyper::http::request::Parts, bo
                 ));
             }
             let result = match route {
-                Route::Metadata => Ok(FhirOk {
-                    status: 200,
-                    location: None,
-                    version: None,
-                    body: fhir::capability_statement(&ctx, &ctx.now),
-                }),
-                Route::Create(t) => fhir::create(&mut lock(&state.store), &ctx, &t, body),
-                Route::Update(t, id) => fhir::update(&mut lock(&state.store), &ctx, &t, &id, body),
+                Route::Create(t) => fhir::create(&state.store, &ctx, &t, body),
+                Route::Update(t, id) => fhir::update(&state.store, &ctx, &t, &id, body),
                 Route::Read(t, id) => fhir::read(&lock(&state.store), &ctx, &t, &id),
                 Route::Search(t) => {
                     let query: Vec<(String, String)> = parts

@@ -30,6 +30,13 @@ pub enum StoreError {
     },
 }
 
+/// Locks a mutex, recovering from poisoning: a panic while holding one of the sandbox's locks
+/// leaves data that is still consistent (counters, tokens, a store whose SQLite transaction was
+/// rolled back), so the server keeps serving.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// One token-index row: a search parameter's `system|value` for one resource.
 #[derive(Debug, Clone)]
 pub struct TokenEntry {

@@ -358,17 +358,19 @@ fn to_datetime(cell: RawCell, formats: &[String]) -> Result<Value, CellErrorKind
                     return Ok(v);
                 }
             }
+            // Naive layouts first: they are the common case in registry extracts, and a text
+            // with an offset fails them on its trailing characters.
+            for f in ISO_DATETIME {
+                if let Ok(dt) = NaiveDateTime::parse_from_str(t, f) {
+                    return Ok(Value::DateTime(dt));
+                }
+            }
             if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
                 return Ok(Value::DateTimeTz(dt));
             }
             for f in ISO_DATETIME_TZ {
                 if let Ok(dt) = DateTime::parse_from_str(t, f) {
                     return Ok(Value::DateTimeTz(dt));
-                }
-            }
-            for f in ISO_DATETIME {
-                if let Ok(dt) = NaiveDateTime::parse_from_str(t, f) {
-                    return Ok(Value::DateTime(dt));
                 }
             }
             Err(type_error(

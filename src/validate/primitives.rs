@@ -133,10 +133,10 @@ impl Primitive {
 
 /// R4 `string`: `[ \r\n\t\S]+`, i.e. no control characters except tab, CR and LF.
 pub fn is_string(s: &str) -> bool {
+    // One pass over the bytes: bytes of multi-byte UTF-8 characters are all >= 0x80.
     !s.is_empty()
         && s.bytes()
-            .all(|b| b >= 0x20 || b == b'\t' || b == b'\r' || b == b'\n')
-        && !s.contains('\u{7f}')
+            .all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t' || b == b'\r' || b == b'\n')
 }
 
 /// R4 `code`: `[^\s]+(\s[^\s]+)*`.
@@ -173,7 +173,8 @@ pub fn is_id(s: &str) -> bool {
 
 /// R4 `uri` (and `url`, `canonical`): `\S*`, non-empty in JSON.
 pub fn is_uri(s: &str) -> bool {
-    !s.is_empty() && !s.chars().any(char::is_whitespace)
+    // `\S` in the R4 regexes is ASCII whitespace, as in the Java and XML Schema regex dialects.
+    !s.is_empty() && !s.bytes().any(is_ws)
 }
 
 /// R4 `oid`: `urn:oid:[0-2](\.(0|[1-9][0-9]*))+`.

@@ -910,10 +910,25 @@ impl Ctx {
     }
 
     pub(super) fn enter_index(&mut self, i: usize) -> usize {
-        use std::fmt::Write;
         let mark = self.path.len();
-        // Writing into a String cannot fail.
-        let _ = write!(self.path, "[{i}]");
+        self.path.push('[');
+        // Digits by hand: this runs for every array item, and the formatting machinery costs
+        // more than the rest of the step.
+        let mut digits = [0u8; 20];
+        let mut n = i;
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in &digits[at..] {
+            self.path.push(char::from(d));
+        }
+        self.path.push(']');
         mark
     }
 
@@ -1018,10 +1033,11 @@ fn check_other_resource(ctx: &mut Ctx, obj: &Map<String, Value>, rt: &str) {
 }
 
 fn find_elem<'a>(c: &'a Complex, name: &str) -> Option<&'a Elem> {
-    c.elems
-        .iter()
-        .chain(c.base.elems())
-        .find(|el| el.name == name)
+    // Length and first byte first: most candidates differ there, which spares a memcmp call.
+    let first = name.as_bytes().first();
+    c.elems.iter().chain(c.base.elems()).find(|el| {
+        el.name.len() == name.len() && el.name.as_bytes().first() == first && el.name == name
+    })
 }
 
 fn check_complex(ctx: &mut Ctx, v: &Value, c: &Complex) {
@@ -1484,6 +1500,16 @@ mod tests {
     fn with(mut v: Value, f: impl FnOnce(&mut Map<String, Value>)) -> Value {
         f(v.as_object_mut().unwrap());
         v
+    }
+
+    #[test]
+    fn array_indexes_in_paths() {
+        let mut ctx = Ctx::new("Bundle");
+        for i in [0, 7, 10, 49, 1234] {
+            let m = ctx.enter_index(i);
+            assert_eq!(ctx.path, format!("Bundle[{i}]"));
+            ctx.leave(m);
+        }
     }
 
     #[test]

@@ -632,3 +632,133 @@ fn new_patients_travel_in_bundles_with_their_resources_and_a_bad_one_is_isolated
     assert_eq!(sb.stats().resources("Observation"), 23);
     assert_eq!(sb.stats().resources("Patient"), 6);
 }
+
+#[test]
+fn one_person_under_two_record_keys_gets_one_patient() {
+    for bundle in [0, 50] {
+        let sb = start(SandboxConfig::default());
+        let (mut p, o) = synthetic::generate(4, 3, CCN, &FhirUris::default());
+        // Rows 0 and 3 describe the same person: the CRID service answers the same CRID.
+        p[3].crid_demographics = p[0].crid_demographics.clone();
+        let mut c = config_for(&sb);
+        c.bundle_size = bundle;
+        let (out, summary) = load(c, None, p, o.clone()).unwrap();
+        assert_settled(&out);
+        assert_eq!(summary.rejected, 0, "{out:#?}");
+        assert_eq!(sb.stats().resources("Patient"), 3, "bundle size {bundle}");
+        assert_eq!(out[0].server_id, out[3].server_id);
+        // Whichever came first created the Patient; the other reused it.
+        let mut both = [out[0].status, out[3].status];
+        both.sort_by_key(|s| format!("{s:?}"));
+        assert_eq!(both, [OutcomeStatus::Created, OutcomeStatus::Unchanged]);
+        assert_exactly_once(&sb, &out[4..], &o);
+    }
+}
+
+#[test]
+fn a_generic_fhir_target_takes_the_crid_from_a_column_and_never_calls_the_crid_service() {
+    let sb = start(SandboxConfig::default());
+    let mut c = config_for(&sb);
+    // `kind = "fhir"`: the FHIR base is given directly, no `PUT /CRID`.
+    c.endpoints = Endpoints {
+        kind: TargetKind::Fhir,
+        crid_url: None,
+        fhir_base: url::Url::parse(&format!("{}/r4/", sb.base_url())).unwrap(),
+        token_url: c.endpoints.token_url.clone(),
+    };
+    c.crid = fhirlift::config::CridMode::Column {
+        column: "crid".into(),
+    };
+    let (mut p, o) = synthetic::generate(3, 2, CCN, &FhirUris::default());
+    p[0].known_crid = Some("1982897480019337".into());
+    p[1].known_crid = Some("77".into());
+    p[2].known_crid = Some("not a number".into());
+    let (out, summary) = load(c, None, p, o).unwrap();
+    assert_eq!((summary.created, summary.rejected), (6, 3), "{out:#?}");
+    assert!(
+        out[2].message.as_deref().unwrap().contains("CRID column"),
+        "{:?}",
+        out[2]
+    );
+    assert_eq!(sb.stats().requests_total("crid"), 0);
+    assert_eq!(sb.stats().resources("Patient"), 2);
+}
+
+/// The README's main command: the samples into the embedded sandbox, twice.
+#[test]
+fn the_samples_load_into_the_embedded_sandbox_and_a_second_run_creates_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let run = || {
+        common::fhirlift()
+            .arg("run")
+            .arg(common::repo().join("samples/pipeline.toml"))
+            .arg("--state")
+            .arg(state.path())
+            .args(["--no-progress", "--concurrency", "16"])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let err = String::from_utf8_lossy(&first.stderr);
+    // The samples hold deliberately bad rows: exit 1, and the summary says where things are.
+    assert_eq!(first.status.code(), Some(1), "{err}");
+    assert!(err.contains("the embedded sandbox"), "{err}");
+    assert!(err.contains("sandbox.sqlite"), "{err}");
+    assert!(err.contains("rejects"), "{err}");
+    let created = |text: &str| -> u64 {
+        let at = text.find(" created,").expect("a created count");
+        text[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let made = created(&err[err.find("finished:").unwrap()..]);
+    assert!(made > 1000, "{err}");
+
+    let second = run();
+    let err2 = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err2}");
+    assert_eq!(
+        created(&err2[err2.find("finished:").unwrap()..]),
+        0,
+        "{err2}"
+    );
+
+    // The store holds each created resource once.
+    let sb = SandboxHandle::start(
+        SandboxConfig {
+            db: Some(state.path().join("sandbox.sqlite")),
+            ..SandboxConfig::default()
+        },
+        "127.0.0.1:0",
+    )
+    .unwrap();
+    let stats = sb.stats();
+    assert_eq!(
+        stats.resources("Patient") + stats.resources("Observation"),
+        made
+    );
+}
+
+#[test]
+fn a_refused_login_ends_the_run_with_exit_3_before_any_data_is_sent() {
+    let sb = start(SandboxConfig::default());
+    let state = tempfile::tempdir().unwrap();
+    let out = common::fhirlift()
+        .arg("run")
+        .arg(common::repo().join("samples/pipeline.toml"))
+        .arg("--state")
+        .arg(state.path())
+        .args(["--no-progress", "--target", "custom", "--base-url"])
+        .arg(sb.base_url())
+        .arg("--token-url")
+        .arg(sb.token_url())
+        .env("FHIRLIFT_CLIENT_ID", "fhirlift-sandbox")
+        .env("FHIRLIFT_CLIENT_SECRET", "a-wrong-secret")
+        .env("FHIRLIFT_USERNAME", "sandbox-user")
+        .env("FHIRLIFT_PASSWORD", "sandbox-password")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+    assert!(!err.contains("a-wrong-secret"), "{err}");
+    assert_eq!(sb.stats().requests_total("crid"), 0);
+}

@@ -328,6 +328,8 @@ impl Sink for Loader {
             stop: this.stop.clone(),
             progress: progress.clone(),
             packer: Mutex::new(Packer::default()),
+            crids: Mutex::new(Default::default()),
+            postponed: Mutex::new(Vec::new()),
         });
         let patients = this.patients;
         let resources = this.resources;
@@ -413,6 +415,10 @@ struct Shared {
     progress: ProgressBar,
     /// New patients with their resources, waiting to fill a transaction Bundle.
     packer: Mutex<Packer>,
+    /// CRIDs a patient of this run already stands for.
+    crids: Mutex<std::collections::HashSet<String>>,
+    /// Patients whose CRID another patient of this run already stands for.
+    postponed: Mutex<Vec<PatientJob>>,
 }
 
 /// Groups collected for the next Bundle, and their entry count.
@@ -423,6 +429,14 @@ struct Packer {
 }
 
 impl Shared {
+    /// Claims a CRID for the calling patient; `false` when another patient of this run has it.
+    fn claim_crid(&self, crid: &str) -> bool {
+        self.crids
+            .lock()
+            .map(|mut c| c.insert(crid.to_string()))
+            .unwrap_or(true)
+    }
+
     /// Adds a group; when it would overflow the Bundle, returns the groups collected so far
     /// (to be sent by the caller) and starts a new Bundle with this group.
     fn pack(&self, group: Group) -> Option<Vec<Group>> {
@@ -533,7 +547,7 @@ async fn run_all(
 
     let mut set = JoinSet::new();
     for job in jobs {
-        set.spawn(load_patient(shared.clone(), job));
+        set.spawn(load_patient(shared.clone(), job, false));
     }
     while let Some(done) = set.join_next().await {
         match done {
@@ -554,6 +568,26 @@ async fn run_all(
     {
         for (i, o) in send_groups(&shared, rest).await {
             out[i] = Some(o);
+        }
+    }
+    // Patients sharing a CRID with an earlier one: that Patient exists now; find and reuse it.
+    let postponed = shared
+        .postponed
+        .lock()
+        .map(|mut p| std::mem::take(&mut *p))
+        .unwrap_or_default();
+    let mut set = JoinSet::new();
+    for job in postponed {
+        set.spawn(load_patient(shared.clone(), job, true));
+    }
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok(list) => {
+                for (i, o) in list {
+                    out[i] = Some(o);
+                }
+            }
+            Err(e) => shared.set_fatal(Fatal::Target(format!("a worker failed: {e}"))),
         }
     }
     out.into_iter()
@@ -818,11 +852,15 @@ enum PatientReady {
         hash: String,
         query: Query,
     },
+    /// Another patient of this run has the same CRID (one person under two record keys): this
+    /// one waits until that Patient exists, then reuses it.
+    Postponed,
 }
 
-async fn load_patient(shared: Arc<Shared>, job: PatientJob) -> Vec<Indexed> {
+async fn load_patient(shared: Arc<Shared>, job: PatientJob, second_wave: bool) -> Vec<Indexed> {
     let mut out = Vec::with_capacity(job.resources.len() + 1);
-    let defer = shared.bundle_size > 1
+    let defer = !second_wave
+        && shared.bundle_size > 1
         && job.resources.len() < shared.bundle_size
         && job.resources.iter().all(|(_, r)| !ledger_knows(&shared, r));
     let ready = {
@@ -830,7 +868,7 @@ async fn load_patient(shared: Arc<Shared>, job: PatientJob) -> Vec<Indexed> {
         if shared.halted() {
             None
         } else {
-            match patient_step(&shared, &job.patient, defer).await {
+            match patient_step(&shared, &job.patient, defer, second_wave).await {
                 Ok((outcome, ready)) => {
                     if let Some(o) = outcome {
                         out.push((job.index, o));
@@ -855,6 +893,12 @@ async fn load_patient(shared: Arc<Shared>, job: PatientJob) -> Vec<Indexed> {
         PatientReady::Ready { id, fresh } => {
             shared.progress.inc(1);
             (id, fresh)
+        }
+        PatientReady::Postponed => {
+            if let Ok(mut p) = shared.postponed.lock() {
+                p.push(job);
+            }
+            return out;
         }
         PatientReady::Deferred { body, hash, query } => {
             let items = job
@@ -976,6 +1020,7 @@ async fn patient_step(
     shared: &Shared,
     p: &MappedPatient,
     defer: bool,
+    second_wave: bool,
 ) -> Result<(Option<RowOutcome>, PatientReady), Fatal> {
     let r = &p.resource;
     let crid = match known_crid(shared, p) {
@@ -1007,6 +1052,12 @@ async fn patient_step(
             }
         },
     };
+    if let Some(c) = &crid
+        && !second_wave
+        && !shared.claim_crid(c)
+    {
+        return Ok((None, PatientReady::Postponed));
+    }
     let mut body = r.body.clone();
     let query = match &crid {
         Some(c) => {

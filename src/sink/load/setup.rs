@@ -84,14 +84,39 @@ pub fn state_dir(config: &PipelineConfig, flags: &LoadFlags) -> PathBuf {
         .unwrap_or_else(|| config.state_dir())
 }
 
-/// Builds the loader for `config` and `flags`. For the `sandbox` target this starts the embedded
-/// sandbox on an ephemeral loopback port (it lives as long as the loader).
-pub fn prepare(
+/// The checks that need no network, no lock and no file: production confirmation, CRID mode,
+/// target URLs and credentials. `run` calls it before taking the state directory's lock.
+pub fn precheck(config: &PipelineConfig, flags: &LoadFlags) -> Result<(), SetupError> {
+    remote(config, flags).map(|_| ())
+}
+
+/// The ledger scope of the target and center: the FHIR base URL, or for the embedded sandbox
+/// (whose port changes every run) its store.
+pub fn scope(config: &PipelineConfig, flags: &LoadFlags) -> Result<Scope, SetupError> {
+    let target = match remote(config, flags)? {
+        Some((endpoints, _)) => endpoints.fhir_base.to_string(),
+        None => format!(
+            "sandbox:{}",
+            absolute(&sandbox_store(config, flags)).display()
+        ),
+    };
+    Ok(Scope::new(target, config.center.ccn.clone()))
+}
+
+fn sandbox_store(config: &PipelineConfig, flags: &LoadFlags) -> PathBuf {
+    state_dir(config, flags).join(SANDBOX_STORE)
+}
+
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The endpoints and authentication of a non-sandbox target (`None` for the sandbox), after the
+/// checks every run must pass.
+fn remote(
     config: &PipelineConfig,
     flags: &LoadFlags,
-    ledger: Option<Arc<Ledger>>,
-    stop: Option<StopSignal>,
-) -> Result<Prepared, SetupError> {
+) -> Result<Option<(Endpoints, Auth)>, SetupError> {
     let kind = flags.overrides.kind.unwrap_or(config.target.kind);
     let confirmed = flags.confirm_production || config.target.confirm_production;
     if kind == TargetKind::Production && !confirmed {
@@ -102,12 +127,48 @@ pub fn prepare(
     if kind == TargetKind::Fhir && config.target.crid == CridMode::Service {
         return Err(SetupError::CridModeForFhir);
     }
+    if kind == TargetKind::Sandbox {
+        return Ok(None);
+    }
+    let endpoints = target::resolve(&config.target, &flags.overrides)?;
+    let auth = match config.target.grant {
+        GrantType::None => Auth::None,
+        grant => Auth::OAuth {
+            grant,
+            credentials: Credentials::load(config.target.secrets_file.as_deref(), grant)?,
+            scope: Some(
+                config
+                    .target
+                    .scope
+                    .clone()
+                    .unwrap_or_else(|| crate::config::DEFAULT_SCOPE.to_string()),
+            ),
+        },
+    };
+    Ok(Some((endpoints, auth)))
+}
+
+/// Builds the loader for `config` and `flags`. For the `sandbox` target this starts the embedded
+/// sandbox on an ephemeral loopback port with its store in the state directory (it lives as long
+/// as the loader). Sends nothing.
+pub fn prepare(
+    config: &PipelineConfig,
+    flags: &LoadFlags,
+    ledger: Option<Arc<Ledger>>,
+    stop: Option<StopSignal>,
+) -> Result<Prepared, SetupError> {
+    let kind = flags.overrides.kind.unwrap_or(config.target.kind);
     let state = state_dir(config, flags);
-    let (endpoints, auth, description, scope_target, keepalive, store) =
-        if kind == TargetKind::Sandbox {
+    let scope = scope(config, flags)?;
+    let (endpoints, auth, description, keepalive, store) = match remote(config, flags)? {
+        Some((endpoints, auth)) => {
+            let description = format!("{} ({})", target::kind_name(kind), endpoints.fhir_base);
+            (endpoints, auth, description, None, None)
+        }
+        None => {
             std::fs::create_dir_all(&state)
                 .map_err(|e| SetupError::Sandbox(SandboxError::Runtime(e)))?;
-            let store = state.join(SANDBOX_STORE);
+            let store = sandbox_store(config, flags);
             let account = Account {
                 ccns: vec![config.center.ccn.clone()],
                 ..Account::default()
@@ -123,7 +184,7 @@ pub fn prepare(
             let base = target::checked_url("sandbox URL", &sandbox.base_url())?;
             let token = target::checked_url("sandbox token URL", &sandbox.token_url())?;
             let endpoints = Endpoints::cibmtr(TargetKind::Sandbox, &base, Some(token));
-            // The embedded sandbox has one account, its documented demo account.
+            // The embedded sandbox has one account: its documented demo account.
             let auth = Auth::OAuth {
                 grant: GrantType::Password,
                 credentials: Credentials {
@@ -139,36 +200,10 @@ pub fn prepare(
                 sandbox.base_url(),
                 store.display()
             );
-            let scope_target = format!("sandbox:{}", store.display());
             let keep: Box<dyn Send> = Box::new(sandbox);
-            (
-                endpoints,
-                auth,
-                description,
-                scope_target,
-                Some(keep),
-                Some(store),
-            )
-        } else {
-            let endpoints = target::resolve(&config.target, &flags.overrides)?;
-            let auth = match (config.target.grant, kind) {
-                (GrantType::None, _) => Auth::None,
-                (grant, _) => Auth::OAuth {
-                    grant,
-                    credentials: Credentials::load(config.target.secrets_file.as_deref(), grant)?,
-                    scope: Some(
-                        config
-                            .target
-                            .scope
-                            .clone()
-                            .unwrap_or_else(|| crate::config::DEFAULT_SCOPE.to_string()),
-                    ),
-                },
-            };
-            let description = format!("{} ({})", target::kind_name(kind), endpoints.fhir_base);
-            let scope_target = endpoints.fhir_base.to_string();
-            (endpoints, auth, description, scope_target, None, None)
-        };
+            (endpoints, auth, description, Some(keep), Some(store))
+        }
+    };
     let mut lc = LoaderConfig::new(endpoints, auth, &config.center.ccn);
     lc.target_label = description.clone();
     lc.crid = config.target.crid.clone();
@@ -176,10 +211,9 @@ pub fn prepare(
     lc.concurrency = flags.concurrency;
     lc.bundle_size = flags.bundle_size;
     lc.ca_bundle = config.target.ca_bundle.clone();
-    lc.confirm_production = confirmed;
+    lc.confirm_production = flags.confirm_production || config.target.confirm_production;
     lc.progress = flags.progress;
     lc.timeout = Duration::from_secs(120);
-    let scope = Scope::new(scope_target, config.center.ccn.clone());
     let hook = ledger.map(|ledger| LedgerHook {
         ledger,
         scope: scope.clone(),
