@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod check;
 pub mod inspect;
+pub mod live;
 pub mod render;
 pub mod run;
 pub mod sandbox;

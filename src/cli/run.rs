@@ -33,6 +33,40 @@ pub struct RunArgs {
     /// No progress bar (it is never shown when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// The state directory: ledger, run reports, run lock, the embedded sandbox's store
+    /// (default: the config's `state_dir`, or `.fhirlift` beside the config).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Send to this target instead of the config's.
+    #[arg(long, value_enum)]
+    pub target: Option<crate::config::TargetKind>,
+    /// The target's base URL (overrides the config and the preset).
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    /// The target's OAuth2 token URL (overrides the config and the preset).
+    #[arg(long, value_name = "URL")]
+    pub token_url: Option<String>,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub concurrency: usize,
+    /// Send resources in transaction Bundles of up to N entries (at most 50); 0 sends single
+    /// requests.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub bundle_size: usize,
+    /// Required to send to the production target.
+    #[arg(long)]
+    pub confirm_production: bool,
+    /// Ignore what the ledger remembers: ask for every CRID again and check every resource
+    /// against the server (unchanged ones are still not re-sent).
+    #[arg(long)]
+    pub full: bool,
+    /// Re-submit only the records rejected by earlier runs (after the data was fixed).
+    #[arg(long)]
+    pub retry_rejected: bool,
+    /// Stop the run once more than N resources were rejected (a broken mapping should not
+    /// hammer the service).
+    #[arg(long, value_name = "N")]
+    pub max_rejects: Option<u64>,
 }
 
 /// Loads a pipeline config and its mappings, printing every problem found; `Err` is the exit
@@ -59,9 +93,7 @@ pub fn run(args: RunArgs) -> CommandResult {
         Err(outcome) => return Ok(outcome),
     };
     if !args.dry_run {
-        return Err(
-            "submitting to a target is not available in this build; use --dry-run --out DIR".into(),
-        );
+        return super::live::run_live(&args, &config, &set);
     }
     let Some(out) = args.out else {
         return Err("--dry-run needs --out DIR (the folder to write the files to)".into());

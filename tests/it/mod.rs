@@ -1,4 +1,5 @@
 mod common;
+mod ledger;
 mod loader;
 mod mapping;
 mod readers;
