@@ -78,8 +78,8 @@ impl RunReport {
         let path = Self::path_for(state_dir, &self.run_uuid);
         let tmp = dir.join(format!(".{}.json.tmp", self.run_uuid));
         {
-            let file = std::fs::File::create(&tmp)?;
-            let mut w = std::io::BufWriter::new(file);
+            // Outcomes carry record keys and row locations: owner-only, like every other output.
+            let mut w = crate::report::create_private(&tmp)?;
             serde_json::to_writer_pretty(&mut w, self).map_err(std::io::Error::other)?;
             use std::io::Write;
             w.write_all(b"\n")?;

@@ -52,6 +52,12 @@ impl ExcelRows {
             path: path.clone(),
             source,
         })?;
+        if matches!(
+            format,
+            SourceFormat::Xlsx | SourceFormat::Xlsm | SourceFormat::Xlsb | SourceFormat::Ods
+        ) {
+            check_zip_parts(&file, &opts.file)?;
+        }
         let reader = BufReader::new(file);
         let kind = match format {
             SourceFormat::Xls => "Excel 97-2003 (.xls)",
@@ -91,9 +97,26 @@ impl ExcelRows {
                 available: names,
             });
         };
-        let range = workbook
-            .worksheet_range(&sheet_name)
-            .map_err(workbook_error)?;
+        let grid_location = || format!("{}[{}]", opts.file, sheet_name);
+        let range = match &mut workbook {
+            Sheets::Xlsx(x) => match x.worksheet_cells_reader(&sheet_name) {
+                Ok(mut cells) => bounded_grid(|| cells.next_cell(), grid_location)?
+                    .map_err(|e| workbook_error(calamine::Error::Xlsx(e)))?,
+                // A chart sheet has no cells.
+                Err(calamine::XlsxError::NotAWorksheet(_)) => Range::default(),
+                Err(e) => return Err(workbook_error(calamine::Error::Xlsx(e))),
+            },
+            Sheets::Xlsb(x) => {
+                let mut cells = x
+                    .worksheet_cells_reader(&sheet_name)
+                    .map_err(|e| workbook_error(calamine::Error::Xlsb(e)))?;
+                bounded_grid(|| cells.next_cell(), grid_location)?
+                    .map_err(|e| workbook_error(calamine::Error::Xlsb(e)))?
+            }
+            // .xls grids are bounded by the format (65,536 rows × 256 columns); calamine caps
+            // .ods repeats at a cell limit of its own.
+            other => other.worksheet_range(&sheet_name).map_err(workbook_error)?,
+        };
         let sheet: Arc<str> = sheet_name.into();
         let location = |row: u64| RowLocation {
             file: opts.file.clone(),
@@ -197,6 +220,106 @@ impl ExcelRows {
         }
         None
     }
+}
+
+/// The most a single compressed part of a workbook (a sheet's XML, the shared strings) may
+/// inflate to. calamine streams sheets but keeps every cell and every shared string, so a part
+/// that inflates without bound (a zip bomb) would take memory without bound. Real registry
+/// sheets are far below this: 100,000 rows of 20 columns are about 150 MB of XML.
+pub const MAX_PART_BYTES: u64 = 256 << 20;
+
+/// The most bytes all parts of a workbook may inflate to together.
+pub const MAX_WORKBOOK_BYTES: u64 = 1 << 30;
+
+/// The most cells a sheet's grid may span (rows × columns of its used range). calamine holds a
+/// sheet as one dense grid, so two cells at opposite corners of a sheet would ask for 17 billion
+/// cells; this bound keeps a sheet under about a gigabyte.
+pub const MAX_GRID_CELLS: u64 = 32_000_000;
+
+/// Inflates every part of a zip-based workbook once, counting bytes, and refuses the workbook when
+/// a part or the whole inflates past the limits. The sizes a zip declares can lie, so the bytes
+/// are counted, not read from the directory. Anything else wrong with the archive is left for
+/// calamine to report, with its own words.
+fn check_zip_parts(file: &File, display: &str) -> Result<(), SourceError> {
+    let Ok(handle) = file.try_clone() else {
+        return Ok(());
+    };
+    let Ok(mut archive) = zip::ZipArchive::new(BufReader::new(handle)) else {
+        return Ok(());
+    };
+    let too_large = |reason: String| SourceError::TooLarge {
+        location: display.to_string(),
+        reason,
+    };
+    let mut total: u64 = 0;
+    for i in 0..archive.len() {
+        let Ok(mut part) = archive.by_index(i) else {
+            continue;
+        };
+        let name = part.name().map(|n| n.to_string()).unwrap_or_default();
+        // An honest directory answers at once; a lying one is caught by counting.
+        let n = if part.size() > MAX_PART_BYTES {
+            part.size()
+        } else {
+            let mut limited = std::io::Read::take(&mut part, MAX_PART_BYTES + 1);
+            std::io::copy(&mut limited, &mut std::io::sink()).unwrap_or(0)
+        };
+        if n > MAX_PART_BYTES {
+            return Err(too_large(format!(
+                "part {name:?} inflates past {} MiB (a compressed bomb, or a sheet far larger than a registry)",
+                MAX_PART_BYTES >> 20
+            )));
+        }
+        total += n;
+        if total > MAX_WORKBOOK_BYTES {
+            return Err(too_large(format!(
+                "its parts inflate past {} MiB together",
+                MAX_WORKBOOK_BYTES >> 20
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Collects a sheet's non-empty cells into a grid, as calamine's own `worksheet_range` does, but
+/// stops as soon as the cells span more than [`MAX_GRID_CELLS`], before the grid is allocated.
+/// The outer error is the refusal; the inner one is calamine's.
+fn bounded_grid<'a, E>(
+    mut next: impl FnMut() -> Result<Option<calamine::Cell<calamine::DataRef<'a>>>, E>,
+    location: impl Fn() -> String,
+) -> Result<Result<Range<Data>, E>, SourceError> {
+    let mut cells: Vec<calamine::Cell<Data>> = Vec::new();
+    let (mut r0, mut r1, mut c0, mut c1) = (u32::MAX, 0u32, u32::MAX, 0u32);
+    loop {
+        let cell = match next() {
+            Ok(Some(cell)) => cell,
+            Ok(None) => break,
+            Err(e) => return Ok(Err(e)),
+        };
+        if matches!(cell.get_value(), calamine::DataRef::Empty) {
+            continue;
+        }
+        let (r, c) = cell.get_position();
+        (r0, r1, c0, c1) = (r0.min(r), r1.max(r), c0.min(c), c1.max(c));
+        let span = (u64::from(r1 - r0) + 1) * (u64::from(c1 - c0) + 1);
+        if span > MAX_GRID_CELLS || cells.len() as u64 >= MAX_GRID_CELLS {
+            return Err(SourceError::TooLarge {
+                location: location(),
+                reason: format!(
+                    "its cells span {} rows × {} columns, more than the {MAX_GRID_CELLS} cells a sheet may hold (the farthest is row {}, column {}; a stray value far from the data often causes this)",
+                    u64::from(r1 - r0) + 1,
+                    u64::from(c1 - c0) + 1,
+                    u64::from(r) + 1,
+                    u64::from(c) + 1,
+                ),
+            });
+        }
+        cells.push(calamine::Cell::new(
+            (r, c),
+            Data::from(cell.get_value().clone()),
+        ));
+    }
+    Ok(Ok(Range::from_sparse(cells)))
 }
 
 /// calamine reads an OpenDocument formula's error result (`#N/A`) as the text it displays, so in

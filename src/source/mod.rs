@@ -89,6 +89,10 @@ pub enum SourceError {
         #[source]
         source: calamine::Error,
     },
+    /// A workbook that would take unbounded memory to read: a compressed part that inflates past
+    /// the limit (a zip bomb), or a sheet whose cells span a grid too large to hold.
+    #[error("{location}: refused: {reason}")]
+    TooLarge { location: String, reason: String },
     #[error("{}: no sheet {sheet} (sheets: {})", .path.display(), quoted(.available))]
     SheetNotFound {
         path: PathBuf,

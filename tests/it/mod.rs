@@ -1,4 +1,5 @@
 mod common;
+mod hardening;
 mod ledger;
 mod loader;
 mod mapping;

@@ -250,6 +250,12 @@ impl Transport {
                 });
             }
             tokio::time::sleep(self.retry.delay(attempts, retry_after)).await;
+            // The wait may have outlived the token: take the current one (refreshed if due), and
+            // let a 401 after the wait refresh once more before it counts as a refusal.
+            if let Some(t) = &self.token {
+                bearer = Some(t.bearer().await?);
+                refreshed = false;
+            }
         }
     }
 }
