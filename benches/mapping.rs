@@ -59,7 +59,11 @@ impl Sources for Generated {
         Ok(Box::new((0..self.rows).map(move |i| {
             let (code, unit) = CODES[(i % CODES.len() as u64) as usize];
             let value = Decimal::new(50 + (i % 900) as i64, 1);
-            let at = base + chrono::Duration::minutes(i as i64 % 500_000);
+            // Daytime draws: a night-time wall clock could fall in a daylight-saving gap,
+            // which the mapping rightly rejects.
+            let at = base
+                + chrono::Duration::days((i % 366) as i64)
+                + chrono::Duration::minutes((i % 600) as i64);
             let cmv = code == "CMVPCR";
             let values = vec![
                 Value::Text(format!("A{i:08}")),

@@ -1,9 +1,12 @@
-//! Nightly re-run benchmark: a first load of a synthetic registry into the embedded sandbox,
-//! then the same run again with nothing changed, then once more with 1% of the lab rows changed.
-//! Every run is the real `fhirlift run` binary, timed from start to exit.
+//! Nightly re-run benchmark: a first load of a synthetic registry, then the same run again with
+//! nothing changed, then once more with 1% of the lab rows changed. Every run is the real
+//! `fhirlift run` binary, timed from start to exit. Two targets: the embedded sandbox (no network
+//! latency: the hardest case for the ratio), and a standalone `fhirlift sandbox` on 127.0.0.1
+//! adding 20 ms per request, closer to a real service.
 //!
 //! Run: `cargo bench --bench nightly` (50,000 resources: 2,000 patients × 24 labs + the patients).
-//! `FHIRLIFT_BENCH_PATIENTS` and `FHIRLIFT_BENCH_LABS` change the size.
+//! `FHIRLIFT_BENCH_PATIENTS`, `FHIRLIFT_BENCH_LABS` change the size; `FHIRLIFT_BENCH_LATENCY_MS`
+//! the standalone sandbox's latency (0 skips that part).
 
 use std::path::Path;
 use std::process::Command;
@@ -51,7 +54,7 @@ fn write_registry(dir: &Path, patients: usize, labs: usize, changed_every: usize
     std::fs::write(dir.join("labs.csv"), l).expect("write labs");
 }
 
-fn write_config(dir: &Path) -> std::path::PathBuf {
+fn write_config(dir: &Path, base_url: Option<&str>) -> std::path::PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = format!(
         r#"mappings = [{:?}, {:?}]
@@ -72,11 +75,17 @@ value = {{ type = "decimal" }}
 ref_low = {{ type = "decimal" }}
 ref_high = {{ type = "decimal" }}
 collected_at = {{ type = "datetime" }}
-"#,
+{}"#,
         repo.join("mappings/cibmtr-patient.toml")
             .display()
             .to_string(),
         repo.join("mappings/cibmtr-lab.toml").display().to_string(),
+        match base_url {
+            Some(b) => format!(
+                "\n[target]\nkind = \"custom\"\nbase_url = {b:?}\ntoken_url = \"{b}/oauth2/token\"\n"
+            ),
+            None => String::new(),
+        }
     );
     let path = dir.join("pipeline.toml");
     std::fs::write(&path, text).expect("write config");
@@ -90,6 +99,10 @@ fn timed_run(config: &Path) -> (Duration, serde_json::Value) {
         .arg("run")
         .arg(config)
         .arg("--no-progress")
+        .env("FHIRLIFT_CLIENT_ID", "fhirlift-sandbox")
+        .env("FHIRLIFT_CLIENT_SECRET", "sandbox-secret")
+        .env("FHIRLIFT_USERNAME", "sandbox-user")
+        .env("FHIRLIFT_PASSWORD", "sandbox-password")
         .output()
         .expect("run fhirlift");
     let elapsed = started.elapsed();
@@ -108,16 +121,46 @@ fn timed_run(config: &Path) -> (Duration, serde_json::Value) {
     (elapsed, report["counts"].clone())
 }
 
-fn main() {
-    // `cargo bench` passes `--bench`; a plain `cargo test` of benches passes nothing useful.
-    if std::env::args().any(|a| a == "--list") {
-        return;
+/// A standalone sandbox on 127.0.0.1 with added latency; killed on drop.
+struct Standalone(std::process::Child, String);
+
+impl Standalone {
+    fn start(dir: &Path, latency_ms: usize) -> Standalone {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fhirlift"))
+            .args(["sandbox", "--addr", "127.0.0.1:0", "--latency-ms"])
+            .arg(latency_ms.to_string())
+            .arg("--db")
+            .arg(dir.join("standalone.sqlite"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the sandbox");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let base = loop {
+            let line = lines.next().expect("base URL line").expect("read");
+            if let Some(u) = line.trim().strip_prefix("base URL:") {
+                break u.trim().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Standalone(child, base)
     }
-    let patients = env_usize("FHIRLIFT_BENCH_PATIENTS", 2000);
-    let labs = env_usize("FHIRLIFT_BENCH_LABS", 24);
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scenario(label: &str, patients: usize, labs: usize, latency_ms: Option<usize>) {
     let total = patients * (labs + 1);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let standalone = latency_ms.map(|ms| Standalone::start(dir.path(), ms));
+    let config = write_config(dir.path(), standalone.as_ref().map(|s| s.1.as_str()));
     write_registry(dir.path(), patients, labs, 0);
 
     let (first, c1) = timed_run(&config);
@@ -129,7 +172,7 @@ fn main() {
 
     let pct = |d: Duration| 100.0 * d.as_secs_f64() / first.as_secs_f64();
     println!(
-        "nightly re-run benchmark: {patients} patients, {} labs, {total} resources",
+        "{label}: {patients} patients, {} labs, {total} resources",
         patients * labs
     );
     println!(
@@ -149,4 +192,22 @@ fn main() {
         c3["updated"],
         c3["unchanged"]
     );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let patients = env_usize("FHIRLIFT_BENCH_PATIENTS", 2000);
+    let labs = env_usize("FHIRLIFT_BENCH_LABS", 24);
+    let latency = env_usize("FHIRLIFT_BENCH_LATENCY_MS", 20);
+    scenario("embedded sandbox", patients, labs, None);
+    if latency > 0 {
+        scenario(
+            &format!("standalone sandbox, {latency} ms per request"),
+            patients,
+            labs,
+            Some(latency),
+        );
+    }
 }

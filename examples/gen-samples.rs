@@ -50,7 +50,9 @@ const LAST: &[&str] = &[
     "Garcia", "Smith", "Johnson", "Nguyen", "O'Brien", "Kowalski", "Patel", "Kim", "Okafor",
     "Martinez", "Chen", "Brown", "Silva", "Haddad", "Yazzie", "Kealoha", "Müller", "Rossi",
 ];
-const SEX: &[&str] = &["M", "M", "F", "F", "U"];
+// Only M and F: the CRID service accepts no other gender, and the samples should load cleanly apart
+// from the rows that are bad on purpose.
+const SEX: &[&str] = &["M", "M", "F", "F", "F"];
 const RACE: &[&str] = &["W", "W", "W", "B", "B", "A", "I", "P", "D", "U"];
 const ETHNICITY: &[&str] = &["N", "N", "N", "H", "U"];
 

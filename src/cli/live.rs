@@ -57,12 +57,24 @@ pub fn run_live(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> su
         }
     };
 
-    let prepared = setup::prepare(
+    let prepared = match setup::prepare(
         config,
         &flags,
         Some(session.ledger().clone()),
         Some(session.stop().clone()),
-    )?;
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            // The run was recorded as started: record how it ended too.
+            let message = super::error_chain(&e);
+            session.finish(RunEnd {
+                fatal: Some(message.clone()),
+                ..RunEnd::default()
+            })?;
+            eprintln!("error: {message}");
+            return Ok(Outcome::TargetError);
+        }
+    };
     eprintln!("Sending to {}", prepared.description);
     let loader = prepared.loader;
     let summary = loader.summary_handle();

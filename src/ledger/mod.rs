@@ -241,6 +241,9 @@ pub struct RunCounts {
     /// Rows rejected before the sink (reading, mapping, validation).
     #[serde(default)]
     pub row_errors: u64,
+    /// Written to files (dry runs).
+    #[serde(default)]
+    pub written: u64,
 }
 
 impl RunCounts {
@@ -255,7 +258,8 @@ impl RunCounts {
         match status {
             OutcomeStatus::Created => self.created += 1,
             OutcomeStatus::Updated => self.updated += 1,
-            OutcomeStatus::Unchanged | OutcomeStatus::Written => self.unchanged += 1,
+            OutcomeStatus::Unchanged => self.unchanged += 1,
+            OutcomeStatus::Written => self.written += 1,
             OutcomeStatus::Rejected => self.rejected += 1,
             OutcomeStatus::Unknown => self.unknown += 1,
         }
@@ -355,10 +359,41 @@ pub struct Ledger {
     path: PathBuf,
     /// The run records are stamped with (set by `begin_run`).
     current_run: Mutex<Option<RunId>>,
+    /// A run's in-memory copy of its scope (see [`Ledger::preload`]).
+    snapshot: Mutex<Option<Snapshot>>,
     /// `--full`: lookups answer "unknown" so that everything is re-checked against the server.
     forget: std::sync::atomic::AtomicBool,
     /// `--max-rejects`: every recorded reject is counted here.
     reject_guard: Mutex<Option<std::sync::Arc<RejectGuard>>>,
+}
+
+/// What a run knows about its scope, held in memory so that deciding about an unchanged record
+/// costs no query. Only valid while the run lock is held: then this process is the only writer,
+/// and every write below updates the copy too.
+#[derive(Debug)]
+struct Snapshot {
+    scope: Scope,
+    /// resource type → record key → what is known.
+    records: HashMap<String, HashMap<String, Known>>,
+    /// patient key → CRID.
+    crids: HashMap<String, KnownCrid>,
+}
+
+impl Snapshot {
+    fn get(&self, resource_type: &str, record_key: &str) -> Option<&Known> {
+        self.records.get(resource_type)?.get(record_key)
+    }
+
+    fn entry(&mut self, resource_type: &str, record_key: &str) -> Option<&mut Known> {
+        self.records.get_mut(resource_type)?.get_mut(record_key)
+    }
+
+    fn put(&mut self, resource_type: &str, record_key: &str, known: Known) {
+        self.records
+            .entry(resource_type.to_string())
+            .or_default()
+            .insert(record_key.to_string(), known);
+    }
 }
 
 fn now() -> DateTime<Utc> {
@@ -418,6 +453,7 @@ impl Ledger {
             conn: Mutex::new(conn),
             path,
             current_run: Mutex::new(None),
+            snapshot: Mutex::new(None),
             forget: std::sync::atomic::AtomicBool::new(false),
             reject_guard: Mutex::new(None),
         })
@@ -440,6 +476,60 @@ impl Ledger {
     pub fn set_reject_guard(&self, guard: Option<std::sync::Arc<RejectGuard>>) {
         if let Ok(mut g) = self.reject_guard.lock() {
             *g = guard;
+        }
+    }
+
+    /// Loads everything known about `scope` into memory, so that [`Ledger::known`] and
+    /// [`Ledger::known_crid`] answer without a query. For a process holding the run lock only
+    /// (it must be the only writer); [`RunSession`] does it.
+    pub fn preload(&self, scope: &Scope) -> Result<(), LedgerError> {
+        let mut records: HashMap<String, HashMap<String, Known>> = HashMap::new();
+        for (r, k) in self.query_known_all(scope)? {
+            records
+                .entry(r.resource_type)
+                .or_default()
+                .insert(r.record_key, k);
+        }
+        let crids = {
+            let conn = self.conn()?;
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT patient_key, crid, demographics_hash, updated_at FROM crids
+                     WHERE target = ?1 AND ccn = ?2",
+                )
+                .map_err(self.err("preload CRIDs"))?;
+            let rows = st
+                .query_map(params![scope.target, scope.ccn], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        KnownCrid {
+                            crid: r.get(1)?,
+                            demographics_hash: r.get(2)?,
+                            updated_at: parse_ts(&r.get::<_, String>(3)?),
+                        },
+                    ))
+                })
+                .map_err(self.err("preload CRIDs"))?;
+            rows.collect::<Result<HashMap<_, _>, _>>()
+                .map_err(self.err("preload CRIDs"))?
+        };
+        let mut snap = self.snapshot.lock().map_err(|_| LedgerError::Poisoned {
+            path: self.path.clone(),
+        })?;
+        *snap = Some(Snapshot {
+            scope: scope.clone(),
+            records,
+            crids,
+        });
+        Ok(())
+    }
+
+    /// Runs `f` on the snapshot of `scope`, if one is loaded.
+    fn with_snapshot<T>(&self, scope: &Scope, f: impl FnOnce(&mut Snapshot) -> T) -> Option<T> {
+        let mut g = self.snapshot.lock().ok()?;
+        match g.as_mut() {
+            Some(s) if &s.scope == scope => Some(f(s)),
+            _ => None,
         }
     }
 
@@ -478,6 +568,9 @@ impl Ledger {
         if self.forgetting() {
             return Ok(None);
         }
+        if let Some(k) = self.with_snapshot(scope, |s| s.get(resource_type, record_key).cloned()) {
+            return Ok(k);
+        }
         let conn = self.conn()?;
         let mut st = conn
             .prepare_cached(
@@ -498,6 +591,10 @@ impl Ledger {
         if self.forgetting() {
             return Ok(HashMap::new());
         }
+        self.query_known_all(scope)
+    }
+
+    fn query_known_all(&self, scope: &Scope) -> Result<HashMap<RecordRef, Known>, LedgerError> {
         let conn = self.conn()?;
         let mut st = conn
             .prepare_cached(
@@ -588,6 +685,25 @@ impl Ledger {
             run
         ])
         .map_err(self.err("record an unconfirmed request"))?;
+        drop(st);
+        drop(conn);
+        self.with_snapshot(scope, |s| match s.entry(resource_type, record_key) {
+            Some(k) => {
+                k.status = status;
+                k.updated_at = now();
+            }
+            None => s.put(
+                resource_type,
+                record_key,
+                Known {
+                    server_id: None,
+                    content_hash: None,
+                    status,
+                    last_outcome: None,
+                    updated_at: now(),
+                },
+            ),
+        });
         Ok(())
     }
 
@@ -603,6 +719,15 @@ impl Ledger {
         outcome: OutcomeStatus,
     ) -> Result<(), LedgerError> {
         let run = self.run_id();
+        if outcome == OutcomeStatus::Unchanged
+            && self.with_snapshot(scope, |s| {
+                s.get(resource_type, record_key).is_some_and(|k| {
+                    k.is_unchanged(content_hash) && k.server_id.as_deref() == Some(server_id)
+                })
+            }) == Some(true)
+        {
+            return Ok(());
+        }
         let mut conn = self.conn()?;
         if outcome == OutcomeStatus::Unchanged {
             // The common case of a nightly run: confirmed before, nothing changed. A read instead
@@ -671,7 +796,22 @@ impl Ledger {
                 .execute(params![scope.target, scope.ccn, resource_type, record_key])
                 .map_err(self.err("record a submission"))?;
         }
-        tx.commit().map_err(self.err("record a submission"))
+        tx.commit().map_err(self.err("record a submission"))?;
+        drop(conn);
+        self.with_snapshot(scope, |s| {
+            s.put(
+                resource_type,
+                record_key,
+                Known {
+                    server_id: Some(server_id.to_string()),
+                    content_hash: Some(content_hash.to_string()),
+                    status: SubmissionStatus::Sent,
+                    last_outcome: Some(outcome),
+                    updated_at: now(),
+                },
+            )
+        });
+        Ok(())
     }
 
     /// Records that were sent before and whose latest request is unconfirmed.
@@ -794,6 +934,9 @@ impl Ledger {
         if self.forgetting() {
             return Ok(None);
         }
+        if let Some(c) = self.with_snapshot(scope, |s| s.crids.get(patient_key).cloned()) {
+            return Ok(c);
+        }
         let conn = self.conn()?;
         let mut st = conn
             .prepare_cached(
@@ -842,6 +985,18 @@ impl Ledger {
             run
         ])
         .map_err(self.err("record a CRID"))?;
+        drop(st);
+        drop(conn);
+        self.with_snapshot(scope, |s| {
+            s.crids.insert(
+                patient_key.to_string(),
+                KnownCrid {
+                    crid: crid.to_string(),
+                    demographics_hash: demographics_hash.to_string(),
+                    updated_at: now(),
+                },
+            )
+        });
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! The JSON run report written into the state directory for every run:
 //! `reports/<run uuid>.json`, with the run's identity, counts, exit code, the records the source no
-//! longer holds, and one line per resource outcome.
+//! longer holds, and one line per resource that was sent, refused or left unknown.
 //!
 //! Written atomically (a temporary file renamed into place), so a reader never sees half a report.
 //! Must not: hold resource bodies or values; outcomes carry locations, identifiers and reasons.
@@ -34,6 +34,8 @@ pub struct RunReport {
     pub counts: RunCounts,
     /// Records confirmed on the server earlier that the source no longer holds.
     pub missing: Vec<RecordRef>,
+    /// One line per resource that was not unchanged: created, updated, rejected (with the
+    /// reason) or unknown.
     pub outcomes: Vec<RowOutcome>,
 }
 

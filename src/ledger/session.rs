@@ -71,6 +71,8 @@ pub struct RunEnd {
     pub retried: u64,
     /// A failure that aborted the run (authentication, unreachable target).
     pub fatal: Option<String>,
+    /// `fatal` was an input or configuration failure (exit 2), not the target's (exit 3).
+    pub input_error: bool,
 }
 
 /// A finished run.
@@ -124,6 +126,8 @@ impl RunSession {
         }
         ledger.set_reject_guard(Some(guard.clone()));
         let id = ledger.begin_run(&info)?;
+        // The lock is held: this process is the only writer, so the run may decide from memory.
+        ledger.preload(&info.scope)?;
         let run = ledger.run(id)?.ok_or_else(|| LedgerError::Sqlite {
             path: ledger.path().to_path_buf(),
             op: "read the run just begun",
@@ -150,7 +154,12 @@ impl RunSession {
             RunMode::RetryRejected => Some(self.rejected_keys()?),
             _ => None,
         };
-        Ok(Box::new(LedgerSink::new(sink, retry, self.capture.clone())))
+        Ok(Box::new(LedgerSink::new(
+            sink,
+            retry,
+            self.capture.clone(),
+            self.stop.clone(),
+        )))
     }
 
     /// The ledger, to hand to the loader.
@@ -257,6 +266,7 @@ impl RunSession {
         counts.missing = missing.len() as u64;
         let outcome = match (reason, &end.fatal) {
             (Some(StopReason::Signal), _) => Outcome::Interrupted,
+            (_, Some(_)) if end.input_error => Outcome::ConfigError,
             (_, Some(_)) => Outcome::TargetError,
             (Some(StopReason::TooManyRejects), _) => Outcome::RowsRejected,
             (None, None) if counts.rejected + counts.unknown + counts.row_errors > 0 => {
@@ -274,7 +284,12 @@ impl RunSession {
             &self.config_file,
             counts.clone(),
             outcome as i32,
-            outcomes,
+            // An unchanged resource says nothing the counts do not: a nightly report lists only
+            // what was sent, refused or left unknown.
+            outcomes
+                .into_iter()
+                .filter(|o| o.status != OutcomeStatus::Unchanged)
+                .collect(),
         );
         report.stopped = stopped.clone();
         report.missing = missing.clone();

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
-use super::RecordRef;
+use super::{RecordRef, StopSignal};
 use crate::resource::{MappedPatient, MappedResource};
 use crate::sink::{RowOutcome, Sink, SinkError};
 
@@ -29,6 +29,9 @@ pub(crate) struct LedgerSink {
     held_patients: Vec<MappedPatient>,
     held_resources: Vec<MappedResource>,
     capture: Arc<Mutex<Capture>>,
+    /// A stop requested while the source is still being read ends the run there, before
+    /// anything is sent.
+    stop: StopSignal,
 }
 
 impl LedgerSink {
@@ -36,6 +39,7 @@ impl LedgerSink {
         inner: Box<dyn Sink>,
         retry: Option<BTreeSet<RecordRef>>,
         capture: Arc<Mutex<Capture>>,
+        stop: StopSignal,
     ) -> LedgerSink {
         LedgerSink {
             inner,
@@ -43,6 +47,15 @@ impl LedgerSink {
             held_patients: Vec::new(),
             held_resources: Vec::new(),
             capture,
+            stop,
+        }
+    }
+
+    fn check_stop(&self) -> Result<(), SinkError> {
+        if self.stop.is_stopped() {
+            Err(SinkError::Interrupted)
+        } else {
+            Ok(())
         }
     }
 
@@ -61,6 +74,7 @@ impl LedgerSink {
 
 impl Sink for LedgerSink {
     fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError> {
+        self.check_stop()?;
         self.note(batch.iter().map(|p| &p.resource));
         if self.retry.is_some() {
             self.held_patients.extend(batch);
@@ -72,6 +86,7 @@ impl Sink for LedgerSink {
     }
 
     fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError> {
+        self.check_stop()?;
         self.note(batch.iter());
         if let Some(retry) = &self.retry {
             self.held_resources.extend(
@@ -93,6 +108,7 @@ impl Sink for LedgerSink {
             held_patients,
             held_resources,
             capture,
+            stop: _,
         } = *self;
         let mut out = Vec::new();
         if let Some(retry) = retry {

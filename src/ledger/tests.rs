@@ -606,4 +606,23 @@ mod wrapped_sink {
         assert_eq!(f.counts.resources, 6);
         assert_eq!(f.missing, vec![RecordRef::new("Observation", "O9")]);
     }
+
+    #[test]
+    fn a_stop_during_reading_ends_the_run_before_anything_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = cfg(dir.path());
+        let state = config.state_dir();
+        let session =
+            RunSession::start(&config, &state, scope(), SessionOptions::default()).unwrap();
+        let reached = Arc::new(Mutex::new(Vec::new()));
+        let mut sink = session.wrap(Box::new(Recording(reached.clone()))).unwrap();
+        session.stop().trigger();
+        assert!(matches!(
+            sink.patients(vec![patient("P1", 2)]),
+            Err(SinkError::Interrupted)
+        ));
+        assert!(reached.lock().unwrap().is_empty());
+        let f = session.finish(RunEnd::default()).unwrap();
+        assert_eq!(f.outcome, crate::cli::Outcome::Interrupted);
+    }
 }

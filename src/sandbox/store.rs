@@ -200,22 +200,25 @@ impl Store {
         &mut self,
         f: impl FnOnce(&mut Store) -> Result<T, E>,
     ) -> Result<T, E> {
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
+        self.exec_cached("BEGIN IMMEDIATE")
             .map_err(|e| E::from(StoreError::Sql(e)))?;
         match f(self) {
             Ok(v) => {
-                self.conn
-                    .execute_batch("COMMIT")
+                self.exec_cached("COMMIT")
                     .map_err(|e| E::from(StoreError::Sql(e)))?;
                 Ok(v)
             }
             Err(e) => {
                 // The original error matters more than a failed rollback.
-                let _ = self.conn.execute_batch("ROLLBACK");
+                let _ = self.exec_cached("ROLLBACK");
                 Err(e)
             }
         }
+    }
+
+    fn exec_cached(&self, sql: &str) -> Result<(), rusqlite::Error> {
+        self.conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
     }
 
     /// Reserves a new server id (ids are shared by all types, like HAPI's).

@@ -377,15 +377,6 @@ fn config_and_template_problems_exit_2_and_name_every_problem() {
     snap("config_errors", &stderr);
 }
 
-#[test]
-fn a_live_run_is_refused_clearly_until_the_loader_is_wired() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = fixture(dir.path(), &[], "");
-    let o = fhirlift().arg("run").arg(&config).output().expect("run");
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--dry-run"));
-}
-
 /// The documented bad rows of the samples, with the start of the reason each must carry.
 const SAMPLE_BAD_ROWS: [(&str, &str); 8] = [
     ("registry.xlsx[Patients]:8", "birth_date: expected date"),
