@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::common::{fhirlift, repo};
+use super::common::{StandaloneSandbox as Sandbox, fhirlift, repo};
 
 /// Virtual memory a child may map (KiB): far above what any file here needs read properly, far
 /// below what an unbounded reader asks for.
@@ -829,74 +829,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // A standalone sandbox, a recording proxy in front of it, and a registry to load
 // ---------------------------------------------------------------------------------------------
-
-/// Kills a child process when the test ends, however it ends.
-struct Reap(std::process::Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `fhirlift sandbox` on 127.0.0.1 with its store in a file.
-struct Sandbox {
-    _child: Reap,
-    base_url: String,
-    db: PathBuf,
-}
-
-impl Sandbox {
-    fn start(dir: &Path, extra: &[&str]) -> Sandbox {
-        use std::io::{BufRead, BufReader};
-        let db = dir.join("sandbox.sqlite");
-        let mut child = fhirlift()
-            .args(["sandbox", "--addr", "127.0.0.1:0", "--db"])
-            .arg(&db)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the sandbox");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let child = Reap(child);
-        let mut lines = BufReader::new(stdout).lines();
-        let base_url = loop {
-            let line = lines
-                .next()
-                .expect("the sandbox prints its base URL")
-                .expect("read the sandbox's output");
-            if let Some(url) = line.trim().strip_prefix("base URL:") {
-                break url.trim().to_string();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Sandbox {
-            _child: child,
-            base_url,
-            db,
-        }
-    }
-
-    /// Every stored resource of a type, from the store's dump.
-    fn dump(&self, dir: &Path, resource_type: &str) -> Vec<serde_json::Value> {
-        let out = dir.join(format!("dump-{}", rand::random::<u32>()));
-        let o = fhirlift()
-            .args(["sandbox", "--db"])
-            .arg(&self.db)
-            .arg("--dump")
-            .arg(&out)
-            .output()
-            .expect("dump the sandbox");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read_to_string(out.join(format!("{resource_type}.ndjson")))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("NDJSON line"))
-            .collect()
-    }
-}
 
 /// A TCP proxy on 127.0.0.1 that forwards to `upstream` and keeps every byte the server sends,
 /// so a test knows the access tokens the client was given.
