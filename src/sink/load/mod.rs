@@ -545,20 +545,7 @@ async fn run_all(
         .progress
         .inc(out.iter().filter(|o| o.is_some()).count() as u64);
 
-    let mut set = JoinSet::new();
-    for job in jobs {
-        set.spawn(load_patient(shared.clone(), job, false));
-    }
-    while let Some(done) = set.join_next().await {
-        match done {
-            Ok(list) => {
-                for (i, o) in list {
-                    out[i] = Some(o);
-                }
-            }
-            Err(e) => shared.set_fatal(Fatal::Target(format!("a worker failed: {e}"))),
-        }
-    }
+    load_patients(&shared, jobs, false, &mut out).await;
     let rest = shared
         .packer
         .lock()
@@ -576,20 +563,7 @@ async fn run_all(
         .lock()
         .map(|mut p| std::mem::take(&mut *p))
         .unwrap_or_default();
-    let mut set = JoinSet::new();
-    for job in postponed {
-        set.spawn(load_patient(shared.clone(), job, true));
-    }
-    while let Some(done) = set.join_next().await {
-        match done {
-            Ok(list) => {
-                for (i, o) in list {
-                    out[i] = Some(o);
-                }
-            }
-            Err(e) => shared.set_fatal(Fatal::Target(format!("a worker failed: {e}"))),
-        }
-    }
+    load_patients(&shared, postponed, true, &mut out).await;
     out.into_iter()
         .map(|o| {
             o.unwrap_or_else(|| RowOutcome {
@@ -855,6 +829,30 @@ enum PatientReady {
     /// Another patient of this run has the same CRID (one person under two record keys): this
     /// one waits until that Patient exists, then reuses it.
     Postponed,
+}
+
+/// Loads patients in parallel, one task per patient, and files each outcome at its index.
+/// A task that fails (a panic in a worker) is a fatal target error, not a lost row.
+async fn load_patients(
+    shared: &Arc<Shared>,
+    jobs: Vec<PatientJob>,
+    second_wave: bool,
+    out: &mut [Option<RowOutcome>],
+) {
+    let mut set = JoinSet::new();
+    for job in jobs {
+        set.spawn(load_patient(shared.clone(), job, second_wave));
+    }
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok(list) => {
+                for (i, o) in list {
+                    out[i] = Some(o);
+                }
+            }
+            Err(e) => shared.set_fatal(Fatal::Target(format!("a worker failed: {e}"))),
+        }
+    }
 }
 
 async fn load_patient(shared: Arc<Shared>, job: PatientJob, second_wave: bool) -> Vec<Indexed> {
