@@ -27,6 +27,7 @@ pub mod lookup;
 pub mod spec;
 
 pub use error::{MappingError, RowError, TemplateFailure};
+pub use json::JsonMap;
 pub use lookup::{LookupTable, Lookups};
 pub use spec::{MappingKind, MappingSpec, WideColumn};
 
@@ -43,6 +44,10 @@ pub struct Mapping {
     pub spec: MappingSpec,
     /// The IANA zone naive date-times of its source are read in.
     pub timezone: String,
+    /// Context members that are the same for every row, made once.
+    identifier_system: JValue,
+    name_value: JValue,
+    timezone_value: JValue,
 }
 
 impl Mapping {
@@ -185,7 +190,13 @@ impl MappingSet {
                     .and_then(|s| s.timezone.clone())
                     .or_else(|| config.defaults.timezone.clone())
                     .unwrap_or_else(|| "UTC".to_string());
-                Mapping { spec, timezone }
+                Mapping {
+                    identifier_system: JValue::from(spec.identifier_system.as_str()),
+                    name_value: JValue::from(spec.name.as_str()),
+                    timezone_value: JValue::from(timezone.as_str()),
+                    spec,
+                    timezone,
+                }
             })
             .collect();
         let rules = CibmtrRules::new(
@@ -303,7 +314,7 @@ impl MappingSet {
         let m = &self.mappings[index];
         let patient_key = key_of(row, &m.spec.patient_key, "patient key")?;
         let record_key = key_of(row, &m.spec.record_key, "record key")?;
-        Ok(self.base_context(m, row, &patient_key, &record_key, None))
+        Ok(self.base_context(m, row_values(row), &patient_key, &record_key, None))
     }
 
     /// Maps one row through mapping `index`. Pure: the same row always gives the same result.
@@ -321,7 +332,7 @@ impl MappingSet {
                     system: m.spec.identifier_system.clone(),
                     value: patient_key.clone(),
                 };
-                let ctx = self.base_context(m, row, &patient_key, &record_key, None);
+                let ctx = self.base_context(m, row_values(row), &patient_key, &record_key, None);
                 let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
                 let crid_demographics = match &m.spec.crid_template {
                     Some(t) => Some(self.render_crid(m, row, t, &ctx)?),
@@ -352,7 +363,7 @@ impl MappingSet {
                     system: m.spec.identifier_system.clone(),
                     value: record_key.clone(),
                 };
-                let ctx = self.base_context(m, row, &patient_key, &record_key, None);
+                let ctx = self.base_context(m, row_values(row), &patient_key, &record_key, None);
                 let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
                 Mapped::Resources(vec![MappedResource {
                     location: row.location.clone(),
@@ -365,6 +376,7 @@ impl MappingSet {
             }
             MappingKind::Resource => {
                 let mut out = Vec::new();
+                let rv = row_values(row);
                 for w in &m.spec.wide {
                     let value = match row.get(&w.column) {
                         Some(v) if !v.is_null() => v,
@@ -379,8 +391,13 @@ impl MappingSet {
                         ("code", JValue::from(w.code.as_str())),
                         ("value", cell_value(value)),
                     ]);
-                    let ctx =
-                        self.base_context(m, row, &patient_key, &identifier.value, Some(item));
+                    let ctx = self.base_context(
+                        m,
+                        rv.clone(),
+                        &patient_key,
+                        &identifier.value,
+                        Some(item),
+                    );
                     let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
                     out.push(MappedResource {
                         location: row.location.clone(),
@@ -404,31 +421,25 @@ impl MappingSet {
     fn base_context(
         &self,
         m: &Mapping,
-        row: &Row,
+        row_value: JValue,
         patient_key: &str,
         record_key: &str,
         item: Option<JValue>,
     ) -> JValue {
-        let row_value = JValue::from_iter(
-            row.header
-                .columns
-                .iter()
-                .zip(&row.values)
-                .map(|(k, v)| (JValue::from(k.clone()), cell_value(v))),
-        );
         let identifier_value = match item {
-            Some(_) => record_key.to_string(),
-            None if m.spec.kind == MappingKind::Patient => patient_key.to_string(),
-            None => record_key.to_string(),
+            Some(_) => record_key,
+            None if m.spec.kind == MappingKind::Patient => patient_key,
+            None => record_key,
         };
-        let mut members: Vec<(&str, JValue)> = vec![
+        let mut members: Vec<(&'static str, JValue)> = Vec::with_capacity(9);
+        members.extend([
             ("row", row_value),
             ("patient_key", JValue::from(patient_key)),
             ("record_key", JValue::from(record_key)),
             (
                 "identifier",
-                JValue::from_iter([
-                    ("system", JValue::from(m.spec.identifier_system.as_str())),
+                JsonMap::value([
+                    ("system", m.identifier_system.clone()),
                     ("value", JValue::from(identifier_value)),
                 ]),
             ),
@@ -437,13 +448,13 @@ impl MappingSet {
                 JValue::from(crate::resource::patient_placeholder(patient_key)),
             ),
             ("center", self.center.clone()),
-            ("mapping", JValue::from(m.spec.name.as_str())),
-            ("timezone", JValue::from(m.timezone.as_str())),
-        ];
+            ("mapping", m.name_value.clone()),
+            ("timezone", m.timezone_value.clone()),
+        ]);
         if let Some(item) = item {
             members.push(("item", item));
         }
-        JValue::from_iter(members)
+        JsonMap::value(members)
     }
 
     /// Renders a template to text (for `render` and the tests).
@@ -534,7 +545,18 @@ impl MappingSet {
         ctx: &JValue,
     ) -> Result<serde_json::Map<String, serde_json::Value>, RowError> {
         match self.render_json(m, row, template, ctx)? {
-            serde_json::Value::Object(map) => Ok(map),
+            serde_json::Value::Object(map) => {
+                let issues = crate::validate::validate_crid_patient(&map);
+                if issues.is_empty() {
+                    Ok(map)
+                } else {
+                    Err(RowError::Invalid {
+                        location: row.location.clone(),
+                        resource_type: "CRID request".into(),
+                        issues,
+                    })
+                }
+            }
             _ => Err(RowError::Json {
                 location: row.location.clone(),
                 template: template.to_string(),
@@ -586,7 +608,7 @@ impl MappingSet {
         let record_key = key_of(row, &m.spec.record_key, "record key")?;
         let mut out = Vec::new();
         if m.spec.wide.is_empty() {
-            let ctx = self.base_context(m, row, &patient_key, &record_key, None);
+            let ctx = self.base_context(m, row_values(row), &patient_key, &record_key, None);
             out.push(self.render_text(m, row, &m.spec.template, &ctx)?);
         } else {
             for w in &m.spec.wide {
@@ -599,7 +621,7 @@ impl MappingSet {
                     ("value", cell_value(value)),
                 ]);
                 let key = format!("{record_key}{KEY_SEPARATOR}{}", w.code);
-                let ctx = self.base_context(m, row, &patient_key, &key, Some(item));
+                let ctx = self.base_context(m, row_values(row), &patient_key, &key, Some(item));
                 out.push(self.render_text(m, row, &m.spec.template, &ctx)?);
             }
         }
@@ -651,6 +673,47 @@ fn key_of(row: &Row, columns: &[String], what: &'static str) -> Result<String, R
         }
     }
     Ok(parts.join(KEY_SEPARATOR))
+}
+
+/// `row` in a template context.
+fn row_values(row: &Row) -> JValue {
+    JValue::from_object(RowValues {
+        header: row.header.clone(),
+        values: row.values.iter().map(cell_value).collect(),
+    })
+}
+
+/// A row as templates see it (`row.<column>`): the cells in header order, looked up by column
+/// name when a template reads one, so no per-row map is built.
+#[derive(Debug)]
+struct RowValues {
+    header: Arc<crate::source::Header>,
+    values: Vec<JValue>,
+}
+
+impl minijinja::value::Object for RowValues {
+    fn repr(self: &Arc<Self>) -> minijinja::value::ObjectRepr {
+        minijinja::value::ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
+        let i = self.header.index_of(key.as_str()?)?;
+        self.values.get(i).cloned()
+    }
+
+    fn enumerate(self: &Arc<Self>) -> minijinja::value::Enumerator {
+        minijinja::value::Enumerator::Values(
+            self.header
+                .columns
+                .iter()
+                .map(|c| JValue::from(c.clone()))
+                .collect(),
+        )
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        Some(self.header.columns.len())
+    }
 }
 
 /// A cell as templates see it: text, numbers, booleans as themselves; decimals as

@@ -34,8 +34,11 @@
 //! ```
 
 mod cibmtr;
+mod crid;
 pub mod primitives;
 mod r4;
+
+pub use crid::validate_crid_patient;
 
 use std::collections::HashSet;
 use std::fmt;

@@ -110,7 +110,8 @@ fn the_pack_maps_good_rows_and_rejects_bad_ones_with_precise_reasons() {
 
     let report: serde_json::Value =
         serde_json::from_str(&read(&out.join("report.json"))).expect("report json");
-    // The counts add up exactly: 6 patient rows = 3 mapped + 3 rejected; 9 labs = 3 + 6.
+    // The counts add up exactly: 6 patient rows = 2 mapped + 4 rejected (sex U has no CRID
+    // gender, so the CRID service would refuse that patient); 9 labs = 3 + 6.
     let m = &report["mappings"];
     assert_eq!(
         (
@@ -118,7 +119,7 @@ fn the_pack_maps_good_rows_and_rejects_bad_ones_with_precise_reasons() {
             m[0]["rows_mapped"].as_u64(),
             m[0]["rows_rejected"].as_u64()
         ),
-        (Some(6), Some(3), Some(3))
+        (Some(6), Some(2), Some(4))
     );
     assert_eq!(
         (
@@ -128,7 +129,7 @@ fn the_pack_maps_good_rows_and_rejects_bad_ones_with_precise_reasons() {
         ),
         (Some(9), Some(3), Some(6))
     );
-    assert_eq!(report["resources"]["Patient"], 3);
+    assert_eq!(report["resources"]["Patient"], 2);
     assert_eq!(report["resources"]["Observation"], 3);
     let unmapped = &report["unmapped_codes"];
     assert_eq!(unmapped.as_array().map(Vec::len), Some(2), "{unmapped}");
@@ -144,7 +145,7 @@ fn the_pack_maps_good_rows_and_rejects_bad_ones_with_precise_reasons() {
     // Every rejected row is in rejects.csv exactly once.
     let rejects = read(&out.join("rejects.csv"));
     let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
-    assert_eq!(rdr.records().count(), 9);
+    assert_eq!(rdr.records().count(), 10);
     // Patient data stays out of the summary.
     assert!(!stderr.contains("O'Brien"), "{stderr}");
     assert!(!stderr.contains("123-45-6789"), "{stderr}");
@@ -172,7 +173,7 @@ fn every_resource_passes_validation_and_bundles_hold_at_most_fifty() {
     let bundle: serde_json::Value =
         serde_json::from_str(&read(&out.join("bundles/bundle-00001.json"))).expect("bundle");
     assert_eq!(bundle["type"], "transaction");
-    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(6));
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(5));
     let issues = fhirlift::validate::validate(&bundle, &rules);
     assert!(
         fhirlift::validate::errors(&issues).next().is_none(),
