@@ -16,6 +16,10 @@ use fhirlift::sink::dry_run::{DryRunOptions, DryRunSink};
 use fhirlift::source::{Header, Row, RowLocation, Value};
 use rust_decimal::Decimal;
 
+// The same allocator as the `fhirlift` binary, so the figures are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CODES: [(&str, &str); 12] = [
     ("HGB", "g/dL"),
     ("WBC", "K/uL"),

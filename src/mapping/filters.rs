@@ -143,7 +143,38 @@ enum Temporal {
     Offset(DateTime<chrono::FixedOffset>),
 }
 
+/// `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SS` or `YYYY-MM-DD HH:MM:SS`, read without chrono's format
+/// parser (the layouts the readers write); `None` sends anything else to the full parser.
+fn parse_common(s: &str) -> Option<Temporal> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = b.get(r)?;
+        if !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(part.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
+    };
+    if b.len() != 10 && b.len() != 19 {
+        return None;
+    }
+    if b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let date = NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    if b.len() == 10 {
+        return Some(Temporal::Date(date));
+    }
+    if !matches!(b[10], b'T' | b' ') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let dt = date.and_hms_opt(num(11..13)?, num(14..16)?, num(17..19)?)?;
+    Some(Temporal::Naive(dt))
+}
+
 fn parse_date_or_datetime(s: &str) -> Option<Temporal> {
+    if let Some(t) = parse_common(s) {
+        return Some(t);
+    }
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Some(Temporal::Date(d));
     }
@@ -391,7 +422,7 @@ pub fn quantity(
     members.push(("unit", Value::from(unit.unwrap_or_else(|| code.clone()))));
     members.push(("system", Value::from(UCUM)));
     members.push(("code", Value::from(code)));
-    Ok(Value::from_iter(members))
+    Ok(super::json::JsonMap::value(members))
 }
 
 /// `key | uuid5("Observation")` — a deterministic UUID (v5, in fhirlift's namespace) of a kind
@@ -510,6 +541,38 @@ mod tests {
         // A spring-forward gap does not exist.
         let ctx = minijinja::context! { timezone => "America/Chicago", v => "2024-03-10T02:30:00" };
         assert!(render("{{ v | dateTime }}", ctx).is_err());
+    }
+
+    #[test]
+    fn the_quick_date_reader_agrees_with_the_full_one() {
+        let show = |t: Option<Temporal>| match t {
+            Some(Temporal::Date(d)) => format!("date {d}"),
+            Some(Temporal::Naive(dt)) => format!("naive {dt}"),
+            Some(Temporal::Offset(dt)) => format!("offset {dt}"),
+            None => "none".to_string(),
+        };
+        for s in [
+            "2024-03-01",
+            "2024-02-29",
+            "2023-02-29",
+            "2024-03-01T08:30:00",
+            "2024-03-01 23:59:59",
+            "2024-03-01T24:00:00",
+            "2024-13-01",
+            "2024-3-1",
+            "0000-01-01",
+            "9999-12-31T23:59:59",
+            "2024-03-01T08:30",
+            "2024-03-01x08:30:00",
+            "2024-0a-01",
+        ] {
+            let full = show(parse_date_or_datetime(s));
+            if let Some(quick) = parse_common(s) {
+                assert_eq!(show(Some(quick)), full, "{s}");
+            }
+        }
+        assert!(parse_common("2024-03-01T08:30:00").is_some());
+        assert!(parse_common("2024-03-01").is_some());
     }
 
     #[test]

@@ -6,27 +6,79 @@
 //! else as proper JSON (strings escaped, so a quote or backslash in a value cannot break the
 //! document). It must not be used for anything but template output.
 
-use minijinja::value::{Value, ValueKind};
+use std::fmt::Write;
+use std::sync::Arc;
+
+use minijinja::value::{Enumerator, Object, ObjectRepr, Value, ValueKind};
 use minijinja::{AutoEscape, Error, ErrorKind, Output, State};
 
 use super::filters::DecimalValue;
+
+/// A small JSON object for templates (a lookup entry, a Quantity, the business identifier): its
+/// members in order, readable as `x.member`, and written by [`formatter`] straight from the list
+/// instead of through minijinja's generic map iteration.
+#[derive(Debug, Clone, Default)]
+pub struct JsonMap(pub Vec<(Arc<str>, Value)>);
+
+impl JsonMap {
+    /// A map value from `(name, value)` pairs.
+    pub fn value<K: Into<Arc<str>>>(members: impl IntoIterator<Item = (K, Value)>) -> Value {
+        Value::from_object(JsonMap(
+            members.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+        ))
+    }
+}
+
+impl Object for JsonMap {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let key = key.as_str()?;
+        self.0
+            .iter()
+            .find(|(k, _)| &**k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Values(self.0.iter().map(|(k, _)| Value::from(k.clone())).collect())
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        Some(self.0.len())
+    }
+}
 
 /// The environment's formatter: JSON for JSON-escaped templates, minijinja's default otherwise.
 pub fn formatter(out: &mut Output, state: &State, value: &Value) -> Result<(), Error> {
     if state.auto_escape() != AutoEscape::Json || value.is_safe() {
         return minijinja::escape_formatter(out, state, value);
     }
-    let mut buf = String::new();
-    write_json(&mut buf, value)?;
-    out.write_str(&buf)
-        .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write template output"))
+    write_json(out, value)
+}
+
+fn write_failed(_: std::fmt::Error) -> Error {
+    Error::new(ErrorKind::WriteFailure, "cannot write template output")
 }
 
 /// Writes a template value as JSON.
-pub fn write_json(buf: &mut String, value: &Value) -> Result<(), Error> {
+pub fn write_json<W: Write>(out: &mut W, value: &Value) -> Result<(), Error> {
     if let Some(d) = value.downcast_object_ref::<DecimalValue>() {
-        buf.push_str(&d.0.to_string());
-        return Ok(());
+        return write!(out, "{}", d.0).map_err(write_failed);
+    }
+    if let Some(map) = value.downcast_object_ref::<JsonMap>() {
+        out.write_char('{').map_err(write_failed)?;
+        for (i, (k, v)) in map.0.iter().enumerate() {
+            if i > 0 {
+                out.write_char(',').map_err(write_failed)?;
+            }
+            escape_str(out, k).map_err(write_failed)?;
+            out.write_char(':').map_err(write_failed)?;
+            write_json(out, v)?;
+        }
+        return out.write_char('}').map_err(write_failed);
     }
     match value.kind() {
         ValueKind::Undefined => {
@@ -35,45 +87,54 @@ pub fn write_json(buf: &mut String, value: &Value) -> Result<(), Error> {
                 "an undefined value cannot be written",
             ));
         }
-        ValueKind::None => buf.push_str("null"),
-        ValueKind::Bool => buf.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::None => out.write_str("null").map_err(write_failed)?,
+        ValueKind::Bool => out
+            .write_str(if value.is_true() { "true" } else { "false" })
+            .map_err(write_failed)?,
         ValueKind::Number => {
-            let text = value.to_string();
-            if text.parse::<f64>().map_or(true, |f| !f.is_finite()) {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    "a number that JSON cannot hold (NaN or infinite)",
-                ));
+            if let Some(i) = value.as_i64() {
+                write!(out, "{i}").map_err(write_failed)?;
+            } else {
+                let text = value.to_string();
+                if text.parse::<f64>().map_or(true, |f| !f.is_finite()) {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "a number that JSON cannot hold (NaN or infinite)",
+                    ));
+                }
+                out.write_str(&text).map_err(write_failed)?;
             }
-            buf.push_str(&text);
         }
-        ValueKind::String => escape_str(buf, value.as_str().unwrap_or_default()),
+        ValueKind::String => {
+            escape_str(out, value.as_str().unwrap_or_default()).map_err(write_failed)?
+        }
         ValueKind::Seq | ValueKind::Iterable => {
-            buf.push('[');
+            out.write_char('[').map_err(write_failed)?;
             for (i, item) in value.try_iter()?.enumerate() {
                 if i > 0 {
-                    buf.push(',');
+                    out.write_char(',').map_err(write_failed)?;
                 }
-                write_json(buf, &item)?;
+                write_json(out, &item)?;
             }
-            buf.push(']');
+            out.write_char(']').map_err(write_failed)?;
         }
         ValueKind::Map => {
-            buf.push('{');
+            out.write_char('{').map_err(write_failed)?;
             for (i, key) in value.try_iter()?.enumerate() {
                 if i > 0 {
-                    buf.push(',');
+                    out.write_char(',').map_err(write_failed)?;
                 }
                 match key.as_str() {
-                    Some(k) => escape_str(buf, k),
-                    None => escape_str(buf, &key.to_string()),
+                    Some(k) => escape_str(out, k),
+                    None => escape_str(out, &key.to_string()),
                 }
-                buf.push(':');
-                write_json(buf, &value.get_item(&key)?)?;
+                .map_err(write_failed)?;
+                out.write_char(':').map_err(write_failed)?;
+                write_json(out, &value.get_item(&key)?)?;
             }
-            buf.push('}');
+            out.write_char('}').map_err(write_failed)?;
         }
-        ValueKind::Plain => escape_str(buf, &value.to_string()),
+        ValueKind::Plain => escape_str(out, &value.to_string()).map_err(write_failed)?,
         _ => {
             return Err(Error::new(
                 ErrorKind::InvalidOperation,
@@ -84,21 +145,32 @@ pub fn write_json(buf: &mut String, value: &Value) -> Result<(), Error> {
     Ok(())
 }
 
-/// A JSON string literal.
-pub fn escape_str(buf: &mut String, s: &str) {
-    buf.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => buf.push_str("\\\""),
-            '\\' => buf.push_str("\\\\"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            '\t' => buf.push_str("\\t"),
-            c if (c as u32) < 0x20 => buf.push_str(&format!("\\u{:04x}", c as u32)),
-            c => buf.push(c),
+/// A JSON string literal. Runs of characters that need no escape are copied whole.
+pub fn escape_str<W: Write>(out: &mut W, s: &str) -> std::fmt::Result {
+    out.write_char('"')?;
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        // Every byte matched above is ASCII, so `start..i` falls on character boundaries.
+        out.write_str(&s[start..i])?;
+        if escape.is_empty() {
+            write!(out, "\\u{b:04x}")?;
+        } else {
+            out.write_str(escape)?;
         }
+        start = i + 1;
     }
-    buf.push('"');
+    out.write_str(&s[start..])?;
+    out.write_char('"')
 }
 
 /// Removes `null` members and array items, then the objects and arrays left empty, so that a

@@ -71,7 +71,7 @@ impl LookupTable {
                     (c.clone(), v)
                 })
                 .collect();
-            let value = JValue::from_iter(entry);
+            let value = super::json::JsonMap::value(entry);
             if entries.insert(key.clone(), value).is_some() {
                 return Err(bad(line, format!("key {key:?} is listed twice")));
             }

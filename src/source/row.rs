@@ -101,7 +101,21 @@ impl Value {
 
 /// A naive date-time in RFC 3339 layout without an offset (`2024-03-01T08:30:00`).
 pub fn format_naive_datetime(dt: &NaiveDateTime) -> String {
-    dt.format("%Y-%m-%dT%H:%M:%S%.f").to_string()
+    use chrono::{Datelike, Timelike};
+    let (year, nanos) = (dt.year(), dt.nanosecond());
+    // Written by hand (it runs once per date-time cell); chrono's `%.f` layout for the
+    // fraction and years outside 0..=9999 go through chrono.
+    if !(0..=9999).contains(&year) || nanos != 0 {
+        return dt.format("%Y-%m-%dT%H:%M:%S%.f").to_string();
+    }
+    format!(
+        "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        dt.month(),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second()
+    )
 }
 
 /// Decimals become JSON numbers with their written scale (serde_json's `arbitrary_precision`).
