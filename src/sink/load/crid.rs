@@ -63,6 +63,9 @@ pub enum CridOutcome {
     Assigned {
         crid: Crid,
         attempts: u32,
+        /// The service made this CRID for this very request (a top-level `crid` on the first
+        /// attempt): no Patient can carry it yet, so the Patient search may be skipped.
+        new: bool,
     },
     /// This target uses no CRID.
     NotUsed,
@@ -163,6 +166,7 @@ impl CridAssigner for CridService {
             }
             Ok(match interpret(&reply.body) {
                 Ok(crid) => CridOutcome::Assigned {
+                    new: reply.attempts <= 1 && is_new(&reply.body),
                     crid,
                     attempts: reply.attempts,
                 },
@@ -230,6 +234,17 @@ pub fn interpret(body: &[u8]) -> Result<Crid, String> {
     }
 }
 
+/// Whether an answer [`interpret`] accepted is the new-patient form (a top-level `crid` and no
+/// perfect match) rather than a match with a patient the service knew.
+pub fn is_new(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+        v.get("crid").is_some_and(|c| !c.is_null())
+            && v.get("perfectMatch")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+    })
+}
+
 /// The `errorMessage` of an error answer, shortened; or a generic text.
 fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
@@ -250,7 +265,11 @@ impl CridAssigner for ColumnCrid {
     fn assign<'a>(&'a self, patient: &'a MappedPatient) -> CridFuture<'a> {
         Box::pin(async move {
             Ok(match patient.known_crid.as_deref().map(Crid::parse) {
-                Some(Some(crid)) => CridOutcome::Assigned { crid, attempts: 0 },
+                Some(Some(crid)) => CridOutcome::Assigned {
+                    crid,
+                    attempts: 0,
+                    new: false,
+                },
                 Some(None) => CridOutcome::Rejected {
                     reason: "the CRID column does not hold a number".into(),
                     http_status: None,
@@ -285,6 +304,11 @@ mod tests {
             br#"{"perfectMatch":[{"matchedCriteria":["SSN","Gender","DateOfBirth"],"matchType":"Perfect1","crid":4598886}]}"#,
         );
         assert_eq!(ok.map(|c| c.to_string()), Ok("4598886".into()));
+        assert!(is_new(br#"{"crid":1982897480019337}"#));
+        assert!(!is_new(
+            br#"{"perfectMatch":[{"matchType":"Perfect1","crid":4598886}]}"#
+        ));
+        assert!(!is_new(br#"{"perfectMatch":[{"crid":77}],"crid":77}"#));
         let big = interpret(br#"{"crid":1982897480019337}"#).expect("new crid");
         assert_eq!(big.as_u64(), Some(1_982_897_480_019_337));
         assert_eq!(

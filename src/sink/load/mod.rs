@@ -1021,11 +1021,14 @@ async fn patient_step(
     second_wave: bool,
 ) -> Result<(Option<RowOutcome>, PatientReady), Fatal> {
     let r = &p.resource;
+    // A CRID the service has just made cannot be on any Patient yet.
+    let mut new_crid = false;
     let crid = match known_crid(shared, p) {
         Some(c) => Some(c),
         None => match shared.crid.assign(p).await? {
-            CridOutcome::Assigned { crid, .. } => {
+            CridOutcome::Assigned { crid, new, .. } => {
                 remember_crid(shared, p, crid.as_str());
+                new_crid = new;
                 Some(crid.as_str().to_string())
             }
             CridOutcome::NotUsed => None,
@@ -1069,6 +1072,12 @@ async fn patient_step(
         None => Query::by_identifier("Patient", &r.identifier),
     };
     let hash = content_hash(&body);
+    if defer
+        && new_crid
+        && let Plan::Search { known: false } = plan(shared, r, &hash)
+    {
+        return Ok((None, PatientReady::Deferred { body, hash, query }));
+    }
     if defer && let Plan::Search { known: false } = plan(shared, r, &hash) {
         // The contract's search comes first; only a Patient the server does not hold is
         // deferred to a Bundle. Anything else takes the ordinary way below.
@@ -1095,7 +1104,7 @@ async fn patient_step(
             }
         }
     }
-    let up = submit_one(shared, r, &body, &hash, &query, false, OnMatch::Reuse).await?;
+    let up = submit_one(shared, r, &body, &hash, &query, new_crid, OnMatch::Reuse).await?;
     let outcome = outcome_of(r, &up);
     let ready = match (&up, up.server_id()) {
         (Upserted::Created { .. }, Some(id)) => PatientReady::Ready {
