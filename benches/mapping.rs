@@ -144,6 +144,7 @@ fn one_case(rows: u64, jobs: usize) -> Result<(), Box<dyn std::error::Error>> {
         config_sha256: String::new(),
         dry_run: true,
         progress: false,
+        known_rows: None,
     };
     let started = Instant::now();
     let report = pipeline::run(&set, &mut Generated { rows }, Box::new(sink), &opts)?;

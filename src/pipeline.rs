@@ -17,9 +17,10 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::ledger::RecordRef;
 use crate::mapping::{Mapped, MappedRow, MappingKind, MappingSet, RowError};
 use crate::report::{RejectsWriter, ReportBuilder, RunReport};
-use crate::resource::{MappedPatient, MappedResource};
+use crate::resource::{BusinessIdentifier, MappedPatient, MappedResource};
 use crate::sink::{OutcomeStatus, RowOutcome, Sink, SinkError};
 use crate::source::{Header, Row, RowLocation};
 
@@ -54,6 +55,28 @@ pub trait Sources {
     -> Result<RowStream, Box<dyn std::error::Error + Send + Sync>>;
 }
 
+/// A record a freshly rendered row produced, as [`KnownRows`] keeps it: the row's
+/// [`source hash`](MappingSet::source_hash) and the content hash of what it rendered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedRecord {
+    pub record: RecordRef,
+    pub source_hash: String,
+    pub content_hash: String,
+}
+
+/// What earlier runs delivered, row by row: in a nightly run, the ledger. A row of a resource
+/// mapping whose every record was confirmed by the server with the content that an identical row
+/// rendered is neither rendered nor sent; its records count as unchanged. Patient rows always
+/// take the full path (the loader needs each patient).
+pub trait KnownRows: Send + Sync + std::fmt::Debug {
+    /// The server ids of `records`, in order, when every one of them is settled for a row with
+    /// this `source_hash`; `None` when the row must be rendered.
+    fn unchanged(&self, records: &[RecordRef], source_hash: &str) -> Option<Vec<String>>;
+    /// Notes what freshly rendered rows produced. A failure only means those rows are rendered
+    /// again next time.
+    fn rendered(&self, rows: &[RenderedRecord]) -> Result<(), String>;
+}
+
 /// A run's knobs (the command line's flags).
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -67,6 +90,8 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Show a progress bar on stderr (it is hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// Rows settled by earlier runs (a nightly run's ledger); `None` renders every row.
+    pub known_rows: Option<Arc<dyn KnownRows>>,
 }
 
 /// A failure that stops the run.
@@ -119,6 +144,7 @@ pub fn run(
             .iter()
             .any(|m| m.spec.kind == MappingKind::Patient),
         progress: progress.clone(),
+        known_rows: opts.known_rows.clone(),
     };
     tracing::info!(
         mappings = set.mappings().len(),
@@ -208,9 +234,61 @@ struct RunState<'a> {
     rejected_patients: HashMap<String, RowLocation>,
     have_patient_mapping: bool,
     progress: indicatif::ProgressBar,
+    known_rows: Option<Arc<dyn KnownRows>>,
 }
 
 type Batch = Vec<SourceItem>;
+
+/// One row after the parallel stage.
+enum RowResult {
+    /// Rendered and validated; with the row's source hash and each resource's content hash when
+    /// the run keeps [`KnownRows`].
+    Fresh(MappedRow, Option<(String, Vec<String>)>),
+    /// Settled by an earlier run and left alone: its records with their server ids.
+    Known {
+        patient_key: String,
+        records: Vec<(RecordRef, String)>,
+    },
+}
+
+/// The parallel part of one row: skipped when earlier runs settled it, else mapped.
+fn map_item(
+    set: &MappingSet,
+    index: usize,
+    item: &SourceItem,
+    known: Option<&dyn KnownRows>,
+) -> Result<RowResult, RowError> {
+    let row = match item {
+        SourceItem::Row(row) => row,
+        SourceItem::Reject(r) => {
+            return Err(RowError::Read {
+                location: r.location.clone(),
+                message: r.message.clone(),
+            });
+        }
+    };
+    let Some(known) = known else {
+        return set.map_row(index, row).map(|m| RowResult::Fresh(m, None));
+    };
+    let source_hash = set.source_hash(index, row);
+    if let Some((patient_key, refs)) = set.record_refs(index, row)
+        && let Some(ids) = known.unchanged(&refs, &source_hash)
+    {
+        return Ok(RowResult::Known {
+            patient_key,
+            records: refs.into_iter().zip(ids).collect(),
+        });
+    }
+    let mapped = set.map_row(index, row)?;
+    let hashes = match &mapped.mapped {
+        Mapped::Resources(rs) => rs
+            .iter()
+            .map(|r| crate::ledger::content_hash(&r.body))
+            .collect(),
+        Mapped::Patient(_) => Vec::new(),
+    };
+    Ok(RowResult::Fresh(mapped, Some((source_hash, hashes))))
+}
 
 fn read_batch(
     stream: &mut RowStream,
@@ -250,7 +328,8 @@ impl RunState<'_> {
         let mut current = read_batch(&mut stream, batch_size).map_err(source_err)?;
         // Three things overlap: the previous batch goes to the sink (in order, on one thread),
         // this batch renders on the pool, and the next batch is read.
-        let mut rendered: Option<(Batch, Vec<Result<MappedRow, RowError>>)> = None;
+        let known = self.known_rows.clone();
+        let mut rendered: Option<(Batch, Vec<Result<RowResult, RowError>>)> = None;
         while !current.is_empty() || rendered.is_some() {
             let ((handled, next), results) = pool.install(|| {
                 rayon::join(
@@ -274,13 +353,7 @@ impl RunState<'_> {
                     || {
                         current
                             .par_iter()
-                            .map(|item| match item {
-                                SourceItem::Row(row) => set.map_row(index, row),
-                                SourceItem::Reject(r) => Err(RowError::Read {
-                                    location: r.location.clone(),
-                                    message: r.message.clone(),
-                                }),
-                            })
+                            .map(|item| map_item(set, index, item, known.as_deref()))
                             .collect::<Vec<_>>()
                     },
                 )
@@ -301,19 +374,65 @@ impl RunState<'_> {
         counter: usize,
         spec: &crate::mapping::MappingSpec,
         items: Batch,
-        results: Vec<Result<MappedRow, RowError>>,
+        results: Vec<Result<RowResult, RowError>>,
     ) -> Result<(), PipelineError> {
         let mut patients: Vec<MappedPatient> = Vec::new();
         let mut resources: Vec<MappedResource> = Vec::new();
+        let mut settled: Vec<RowOutcome> = Vec::new();
+        let mut rendered: Vec<RenderedRecord> = Vec::new();
         let key_column = spec.patient_key.join(",");
         for (item, result) in items.iter().zip(results) {
+            let location = match item {
+                SourceItem::Row(r) => &r.location,
+                SourceItem::Reject(r) => &r.location,
+            };
+            let result = match result {
+                Ok(RowResult::Known {
+                    patient_key,
+                    records,
+                }) => match self.check_patient_key(&key_column, location, &patient_key) {
+                    Ok(()) => {
+                        let types: Vec<&str> = records
+                            .iter()
+                            .map(|(r, _)| r.resource_type.as_str())
+                            .collect();
+                        self.report.settled(counter, location, &types);
+                        settled.extend(records.into_iter().map(|(r, server_id)| RowOutcome {
+                            location: location.clone(),
+                            identifier: Some(BusinessIdentifier {
+                                system: spec.identifier_system.clone(),
+                                value: r.record_key,
+                            }),
+                            resource_type: r.resource_type,
+                            status: OutcomeStatus::Unchanged,
+                            server_id: Some(server_id),
+                            http_status: None,
+                            attempts: 0,
+                            message: None,
+                        }));
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+                Ok(RowResult::Fresh(mapped, hashes)) => {
+                    if let (Some((source_hash, content)), Mapped::Resources(rs)) =
+                        (hashes, &mapped.mapped)
+                    {
+                        rendered.extend(rs.iter().zip(content).map(|(r, content_hash)| {
+                            RenderedRecord {
+                                record: RecordRef::of(r),
+                                source_hash: source_hash.clone(),
+                                content_hash,
+                            }
+                        }));
+                    }
+                    Ok(mapped)
+                }
+                Err(e) => Err(e),
+            };
             let result = result.and_then(|mapped| self.check_patient(&key_column, item, mapped));
             match result {
                 Ok(mapped) => {
-                    let location = match item {
-                        SourceItem::Row(r) => &r.location,
-                        SourceItem::Reject(r) => &r.location,
-                    };
                     let types: Vec<&str> = match &mapped.mapped {
                         Mapped::Patient(_) => vec!["Patient"],
                         Mapped::Resources(rs) => {
@@ -346,7 +465,15 @@ impl RunState<'_> {
                 }
             }
         }
+        if let Some(known) = &self.known_rows
+            && let Err(e) = known.rendered(&rendered)
+        {
+            tracing::warn!(error = %e, "Could not note the rendered rows; they are rendered again next run");
+        }
         let mut outcomes = Vec::new();
+        if !settled.is_empty() {
+            outcomes.extend(self.sink.unchanged(settled)?);
+        }
         if !patients.is_empty() {
             outcomes.extend(self.sink.patients(patients)?);
         }
@@ -405,20 +532,31 @@ impl RunState<'_> {
                     .insert(mapped.patient_key.clone(), row.location.clone());
             }
             Mapped::Resources(_) => {
-                if self.have_patient_mapping && !self.patients.contains_key(&mapped.patient_key) {
-                    return Err(RowError::UnknownPatient {
-                        location: row.location.clone(),
-                        column: key_column.to_string(),
-                        key: mapped.patient_key.clone(),
-                        rejected_at: self
-                            .rejected_patients
-                            .get(&mapped.patient_key)
-                            .map(|l| Box::new(l.clone())),
-                    });
-                }
+                self.check_patient_key(key_column, &row.location, &mapped.patient_key)?
             }
         }
         Ok(mapped)
+    }
+
+    /// A resource's patient must have been mapped in this run (when the run maps patients).
+    fn check_patient_key(
+        &self,
+        key_column: &str,
+        location: &RowLocation,
+        patient_key: &str,
+    ) -> Result<(), RowError> {
+        if self.have_patient_mapping && !self.patients.contains_key(patient_key) {
+            return Err(RowError::UnknownPatient {
+                location: location.clone(),
+                column: key_column.to_string(),
+                key: patient_key.to_string(),
+                rejected_at: self
+                    .rejected_patients
+                    .get(patient_key)
+                    .map(|l| Box::new(l.clone())),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -626,11 +764,50 @@ mod tests {
             config_sha256: "x".into(),
             dry_run: true,
             progress: false,
+            known_rows: None,
         };
         let report = run(&set, &mut sources, Box::new(recorder.clone()), &opts).expect("run");
         let rejects = std::fs::read_to_string(dir.path().join("out/rejects.csv")).expect("rejects");
         let log = recorder.0.lock().map(|l| l.clone()).unwrap_or_default();
         (log, report, rejects)
+    }
+
+    #[test]
+    fn a_source_hash_changes_with_the_row_and_with_the_mappings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, sources) = setup(dir.path());
+        let set = MappingSet::load(&config).expect("mappings load");
+        let labs = set.index_of("labs").expect("labs mapping");
+        let patients = set.index_of("patients").expect("patients mapping");
+        let rows = &sources.0["labs"];
+        let h = |set: &MappingSet, row: &Row| set.source_hash(labs, row);
+        assert_eq!(h(&set, &rows[0]), h(&set, &rows[0].clone()));
+        assert_ne!(h(&set, &rows[0]), h(&set, &rows[1]));
+        let mut edited = rows[0].clone();
+        edited.values[3] = Value::Integer(13);
+        assert_ne!(h(&set, &rows[0]), h(&set, &edited));
+        // Text "12" and the number 12 are different cells.
+        let mut as_text = rows[0].clone();
+        as_text.values[3] = Value::Text("12".into());
+        assert_ne!(h(&set, &rows[0]), h(&set, &as_text));
+        // Another center renders other resources from the same row.
+        let other = dir.path().join("other.toml");
+        let text = std::fs::read_to_string(&config.file)
+            .expect("config")
+            .replace("12001", "12002");
+        std::fs::write(&other, text).expect("write");
+        let config2 = crate::config::PipelineConfig::load(&other).expect("config loads");
+        let set2 = MappingSet::load(&config2).expect("mappings load");
+        assert_ne!(h(&set, &rows[0]), h(&set2, &rows[0]));
+
+        let (patient_key, refs) = set.record_refs(labs, &rows[0]).expect("a lab row");
+        assert_eq!(patient_key, "P0");
+        assert_eq!(refs, [RecordRef::new("Observation", "L0")]);
+        let p = &sources.0["patients"][0];
+        assert!(
+            set.record_refs(patients, p).is_none(),
+            "patients are never settled"
+        );
     }
 
     #[test]

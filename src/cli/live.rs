@@ -90,6 +90,7 @@ pub fn run_live(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> su
         config_sha256: pipeline::config_sha256(&config.file)?,
         dry_run: false,
         progress: !args.no_progress,
+        known_rows: session.known_rows()?,
     };
     let result = pipeline::run(set, &mut ConfigSources { config }, sink, &opts);
     let retried = summary

@@ -113,6 +113,7 @@ pub fn run(args: RunArgs) -> CommandResult {
         config_sha256: config_sha256.clone(),
         dry_run: true,
         progress: !args.no_progress,
+        known_rows: None,
     };
     let started = Instant::now();
     let report = pipeline::run(

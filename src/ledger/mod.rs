@@ -41,12 +41,14 @@ pub mod report;
 mod schema;
 pub mod session;
 mod sink;
+pub mod sources;
 pub mod stop;
 
 pub use hash::{canonical_hash, content_hash, demographics_hash};
 pub use lock::{LockError, LockHolder, RunLock};
 pub use report::RunReport;
 pub use session::{Finished, RunEnd, RunSession, SessionError, SessionOptions};
+pub use sources::SourceRows;
 pub use stop::{RejectGuard, StopReason, StopSignal};
 
 /// The ledger's file name inside the state directory.

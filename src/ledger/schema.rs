@@ -70,6 +70,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX submissions_by_status ON submissions (target, ccn, status);
     CREATE INDEX rejects_by_run ON rejects (run_id);
     "#,
+    // 2: which source row (by hash) rendered which content, so that an unchanged row of a
+    // nightly run need not be rendered again.
+    r#"
+    CREATE TABLE source_rows (
+        target        TEXT NOT NULL,
+        ccn           TEXT NOT NULL,
+        resource_type TEXT NOT NULL,
+        record_key    TEXT NOT NULL,
+        source_hash   TEXT NOT NULL,
+        content_hash  TEXT NOT NULL,
+        PRIMARY KEY (target, ccn, resource_type, record_key)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

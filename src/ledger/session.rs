@@ -163,6 +163,16 @@ impl RunSession {
     }
 
     /// The ledger, to hand to the loader.
+    /// What earlier runs settled row by row, for an incremental run; `None` for `--full` (which
+    /// re-checks everything) and `--retry-rejected`.
+    pub fn known_rows(&self) -> Result<Option<Arc<dyn crate::pipeline::KnownRows>>, LedgerError> {
+        if self.mode() != RunMode::Incremental {
+            return Ok(None);
+        }
+        let rows = super::SourceRows::load(self.ledger().clone(), self.scope().clone())?;
+        Ok(Some(Arc::new(rows)))
+    }
+
     pub fn ledger(&self) -> &Arc<Ledger> {
         &self.ledger
     }

@@ -101,6 +101,19 @@ impl Sink for LedgerSink {
         Ok(out)
     }
 
+    fn unchanged(&mut self, outcomes: Vec<RowOutcome>) -> Result<Vec<RowOutcome>, SinkError> {
+        self.check_stop()?;
+        if let Ok(mut c) = self.capture.lock() {
+            c.seen.extend(outcomes.iter().filter_map(|o| {
+                o.identifier
+                    .as_ref()
+                    .map(|id| RecordRef::new(o.resource_type.as_str(), super::record_key(id)))
+            }));
+        }
+        self.keep(&outcomes);
+        Ok(outcomes)
+    }
+
     fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError> {
         let LedgerSink {
             mut inner,

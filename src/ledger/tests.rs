@@ -626,3 +626,57 @@ mod wrapped_sink {
         assert_eq!(f.outcome, crate::cli::Outcome::Interrupted);
     }
 }
+
+#[test]
+fn a_row_is_settled_only_when_the_server_confirmed_what_it_rendered() {
+    use crate::pipeline::{KnownRows, RenderedRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let l = std::sync::Arc::new(Ledger::open(dir.path()).unwrap());
+    let s = scope();
+    let rendered = |key: &str, source: &str, content: &str| RenderedRecord {
+        record: RecordRef::new("Observation", key),
+        source_hash: source.into(),
+        content_hash: content.into(),
+    };
+    l.record_sources(
+        &s,
+        &[
+            rendered("k1", "row1", "c1"),
+            rendered("k2", "row2", "c2"),
+            rendered("k3", "row3", "c3"),
+        ],
+    )
+    .unwrap();
+    // k1 confirmed with what its row rendered; k2 confirmed with other content (an older
+    // version); k3 only attempted.
+    l.record_sent(&s, "Observation", "k1", "c1", "41", OutcomeStatus::Created)
+        .unwrap();
+    l.record_sent(&s, "Observation", "k2", "old", "42", OutcomeStatus::Created)
+        .unwrap();
+    l.record_pending(&s, "Observation", "k3", "c3").unwrap();
+
+    let rows = SourceRows::load(l.clone(), s.clone()).unwrap();
+    let k = |key: &str| vec![RecordRef::new("Observation", key)];
+    assert_eq!(
+        rows.unchanged(&k("k1"), "row1"),
+        Some(vec!["41".to_string()])
+    );
+    assert_eq!(rows.unchanged(&k("k1"), "row1-edited"), None);
+    assert_eq!(rows.unchanged(&k("k2"), "row2"), None);
+    assert_eq!(rows.unchanged(&k("k3"), "row3"), None);
+    assert_eq!(rows.unchanged(&k("k4"), "row1"), None);
+    // A wide row is settled only when every one of its records is.
+    let both = vec![
+        RecordRef::new("Observation", "k1"),
+        RecordRef::new("Observation", "k2"),
+    ];
+    assert_eq!(rows.unchanged(&both, "row1"), None);
+
+    // A later attempt at k1 unsettles it.
+    l.record_pending(&s, "Observation", "k1", "c1b").unwrap();
+    let rows = SourceRows::load(l.clone(), s.clone()).unwrap();
+    assert_eq!(rows.unchanged(&k("k1"), "row1"), None);
+    // Another target knows nothing of these rows.
+    let other = SourceRows::load(l, Scope::new("https://elsewhere/v1", "12001")).unwrap();
+    assert_eq!(other.unchanged(&k("k1"), "row1"), None);
+}

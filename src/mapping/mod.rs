@@ -80,6 +80,8 @@ pub struct MappingSet {
     lookups: Arc<Lookups>,
     rules: CibmtrRules,
     center: JValue,
+    /// sha256 of everything besides the row that decides what a row renders to.
+    fingerprint: [u8; 32],
 }
 
 impl std::fmt::Debug for MappingSet {
@@ -181,6 +183,7 @@ impl MappingSet {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let fingerprint = fingerprint(config, &specs, &loaded);
         let mappings = specs
             .into_iter()
             .map(|spec| {
@@ -223,7 +226,63 @@ impl MappingSet {
             lookups,
             rules,
             center,
+            fingerprint,
         })
+    }
+
+    /// A row's hash under mapping `index` (hex sha256): the same row through the same mappings,
+    /// templates, lookup tables, center settings and fhirlift version always renders the same
+    /// resources, so an equal hash means an equal result. Cheap next to rendering.
+    pub fn source_hash(&self, index: usize, row: &Row) -> String {
+        use sha2::Digest;
+        let mut h = HashWrite(sha2::Sha256::new());
+        h.0.update(self.fingerprint);
+        h.0.update((index as u64).to_le_bytes());
+        for (column, value) in row.header.columns.iter().zip(&row.values) {
+            h.0.update((column.len() as u64).to_le_bytes());
+            h.0.update(column.as_bytes());
+            // Debug text is unambiguous (strings quoted and escaped, the variant named).
+            let _ = std::fmt::Write::write_fmt(&mut h, format_args!("{value:?}\u{1f}"));
+        }
+        hex::encode(h.0.finalize())
+    }
+
+    /// The ledger records a row of a resource mapping would produce, from its keys alone (no
+    /// rendering). `None` for patient mappings, and for a row the mapping would reject anyway
+    /// (cell errors, an empty key): those always take the full path.
+    /// Returns the row's patient key with them.
+    pub fn record_refs(
+        &self,
+        index: usize,
+        row: &Row,
+    ) -> Option<(String, Vec<crate::ledger::RecordRef>)> {
+        let m = &self.mappings[index];
+        if m.spec.kind != MappingKind::Resource || row.has_errors() {
+            return None;
+        }
+        let patient_key = key_of(row, &m.spec.patient_key, "patient key").ok()?;
+        let record_key = key_of(row, &m.spec.record_key, "record key").ok()?;
+        let rtype = &m.spec.resource_type;
+        if m.spec.wide.is_empty() {
+            return Some((
+                patient_key,
+                vec![crate::ledger::RecordRef::new(rtype.as_str(), record_key)],
+            ));
+        }
+        Some((
+            patient_key,
+            m.spec
+                .wide
+                .iter()
+                .filter(|w| row.get(&w.column).is_some_and(|v| !v.is_null()))
+                .map(|w| {
+                    crate::ledger::RecordRef::new(
+                        rtype.as_str(),
+                        format!("{record_key}{KEY_SEPARATOR}{}", w.code),
+                    )
+                })
+                .collect(),
+        ))
     }
 
     pub fn mappings(&self) -> &[Mapping] {
@@ -673,6 +732,59 @@ fn key_of(row: &Row, columns: &[String], what: &'static str) -> Result<String, R
         }
     }
     Ok(parts.join(KEY_SEPARATOR))
+}
+
+/// Feeds formatted text to a hash.
+struct HashWrite(sha2::Sha256);
+
+impl std::fmt::Write for HashWrite {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        sha2::Digest::update(&mut self.0, s.as_bytes());
+        Ok(())
+    }
+}
+
+/// What decides a row's resources besides the row: fhirlift's version, the center settings, and
+/// the bytes of every mapping file, template and lookup table, with each mapping's time zone.
+fn fingerprint(
+    config: &PipelineConfig,
+    specs: &[MappingSpec],
+    templates: &HashMap<String, PathBuf>,
+) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut part = |label: &str, bytes: &[u8]| {
+        h.update((label.len() as u64).to_le_bytes());
+        h.update(label.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    part("version", env!("CARGO_PKG_VERSION").as_bytes());
+    part("ccn", config.center.ccn.as_bytes());
+    part("security_code", config.security_code().as_bytes());
+    part("security_system", config.fhir.security_system.as_bytes());
+    part("crid_system", config.fhir.crid_system.as_bytes());
+    let read = |p: &Path| std::fs::read(p).unwrap_or_default();
+    for s in specs {
+        part("mapping", &read(&s.file));
+        part("identifier_system", s.identifier_system.as_bytes());
+        let zone = config
+            .sources
+            .get(&s.source)
+            .and_then(|c| c.timezone.clone())
+            .or_else(|| config.defaults.timezone.clone())
+            .unwrap_or_default();
+        part("timezone", zone.as_bytes());
+        for (name, path) in &s.lookups {
+            part(name, &read(path));
+        }
+    }
+    let mut files: Vec<(&String, &PathBuf)> = templates.iter().collect();
+    files.sort();
+    for (name, path) in files {
+        part(name, &read(path));
+    }
+    h.finalize().into()
 }
 
 /// `row` in a template context.

@@ -29,6 +29,9 @@ pub struct MappingCounts {
     pub rows_read: u64,
     pub rows_mapped: u64,
     pub rows_rejected: u64,
+    /// Mapped rows an earlier run had settled: identical to the row whose resources the server
+    /// confirmed, so neither rendered nor sent again (counted in `rows_mapped` too).
+    pub rows_settled: u64,
     /// Resources produced (a wide row may give several, or none).
     pub resources: u64,
 }
@@ -140,6 +143,12 @@ impl ReportBuilder {
     }
 
     /// A row the mapping stage rejected.
+    /// A row an earlier run settled (see [`MappingCounts::rows_settled`]).
+    pub fn settled(&mut self, mapping: usize, location: &RowLocation, resource_types: &[&str]) {
+        self.mapped(mapping, location, resource_types, &[]);
+        self.report.mappings[mapping].rows_settled += 1;
+    }
+
     pub fn rejected(&mut self, mapping: usize, error: &RowError) {
         let m = &mut self.report.mappings[mapping];
         m.rows_read += 1;
@@ -235,6 +244,13 @@ impl RunReport {
                 m.resources,
                 m.resource_type
             );
+            if m.rows_settled > 0 {
+                let _ = writeln!(
+                    s,
+                    "  {:<20} {:>8} of them unchanged since the last run (not rendered again)",
+                    "", m.rows_settled
+                );
+            }
         }
         if !self.sink.is_empty() {
             let parts: Vec<String> = self.sink.iter().map(|(k, v)| format!("{v} {k}")).collect();

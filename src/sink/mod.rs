@@ -70,6 +70,12 @@ pub trait Sink: Send {
     fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError>;
     /// A batch of non-Patient resources, in source row order.
     fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError>;
+    /// Records the source still holds and that need nothing: a nightly run found them unchanged
+    /// without rendering them (see [`crate::pipeline::KnownRows`]). A sink that keeps state about
+    /// records notes them here; by default the outcomes are passed back as they are.
+    fn unchanged(&mut self, outcomes: Vec<RowOutcome>) -> Result<Vec<RowOutcome>, SinkError> {
+        Ok(outcomes)
+    }
     /// Flushes everything and returns the outcomes not returned yet.
     fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError>;
 }

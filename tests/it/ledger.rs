@@ -399,6 +399,30 @@ fn last_report(state: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&path).expect("run report")).expect("report JSON")
 }
 
+/// Rows settled by earlier runs (not rendered again), per mapping, from the last run's pipeline
+/// report.
+fn rows_settled(state: &Path) -> Vec<(String, u64)> {
+    let ledger = Ledger::open(state).expect("open ledger");
+    let run = ledger.runs(1).expect("runs").pop().expect("a run");
+    let path = state
+        .join("reports")
+        .join(format!("run-{}", run.id.0))
+        .join("report.json");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("pipeline report")).expect("JSON");
+    report["mappings"]
+        .as_array()
+        .expect("mappings")
+        .iter()
+        .map(|m| {
+            (
+                m["mapping"].as_str().unwrap_or_default().to_string(),
+                m["rows_settled"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
 fn map(pairs: &[(&str, u64)]) -> std::collections::BTreeMap<String, u64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
@@ -426,6 +450,10 @@ fn nightly_loads_send_exactly_what_changed() {
         "{first:?}"
     );
     assert_eq!(first.get("crid 200"), Some(&200), "{first:?}");
+    assert_eq!(
+        rows_settled(&state),
+        [("patients".to_string(), 0), ("labs".to_string(), 0)]
+    );
 
     // Night 2: 1% of the labs change, 1% are added (on two new patients and on old ones), a
     // few disappear.
@@ -450,7 +478,6 @@ fn nightly_loads_send_exactly_what_changed() {
         requests_between(&s1, &s2),
         map(&[
             ("crid 200", 2),
-            ("search:Patient 200", 2),
             ("create:Patient 201", 2),
             ("search:Observation 200", 4),
             ("create:Observation 201", 10),
@@ -463,6 +490,14 @@ fn nightly_loads_send_exactly_what_changed() {
     assert_eq!(report["counts"]["created"], 12);
     assert_eq!(report["counts"]["updated"], 10);
     assert_eq!(report["counts"]["unchanged"], 200 + 1000 - 3 - 10);
+    // The unchanged lab rows were not even rendered; patient rows always are.
+    assert_eq!(
+        rows_settled(&state),
+        [
+            ("patients".to_string(), 0),
+            ("labs".to_string(), 1000 - 3 - 10)
+        ]
+    );
     let mut missing: Vec<String> = report["missing"]
         .as_array()
         .expect("missing list")
@@ -480,6 +515,13 @@ fn nightly_loads_send_exactly_what_changed() {
         map(&[]),
         "an unchanged night sends nothing"
     );
+    assert_eq!(
+        rows_settled(&state),
+        [
+            ("patients".to_string(), 0),
+            ("labs".to_string(), 1000 - 3 + 6 + 4)
+        ]
+    );
 
     // --full re-checks everything against the server and finds nothing to change.
     run_ok(&config, &["--full"]);
@@ -493,6 +535,11 @@ fn nightly_loads_send_exactly_what_changed() {
     );
     assert_eq!(full.get("crid 200"), Some(&202), "{full:?}");
     assert_eq!(s4["resources"], s2["resources"]);
+    assert_eq!(
+        rows_settled(&state),
+        [("patients".to_string(), 0), ("labs".to_string(), 0)],
+        "--full renders every row"
+    );
 
     // status tells the story.
     let out = fhirlift()
@@ -703,7 +750,6 @@ fn max_rejects_stops_a_failing_run_and_retry_rejected_sends_only_the_fixed_rows(
         requests_between(&s3, &s4),
         map(&[
             ("crid 200", 30),
-            ("search:Patient 200", 30),
             ("create:Patient 201", 30),
             ("create:Observation 201", 60),
         ]),
