@@ -38,6 +38,13 @@ pub fn run_live(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> su
     };
     // Everything that needs no lock and no network is checked first: a bad target, missing
     // credentials or an unconfirmed production run fail before anything is recorded.
+    if let Err(setup::SetupError::ProductionNotConfirmed { ccn, .. }) =
+        setup::precheck(config, &flags)
+    {
+        // Say what would have gone: the sources mapped into a counting sink, nothing sent.
+        let resources = count_resources(args, config, set);
+        return Err(setup::SetupError::ProductionNotConfirmed { ccn, resources }.into());
+    }
     setup::precheck(config, &flags)?;
     let scope = setup::scope(config, &flags)?;
     let session = match RunSession::start(
@@ -164,4 +171,27 @@ pub fn run_live(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> su
         );
     }
     Ok(input_error.unwrap_or(finished.outcome))
+}
+
+/// How many resources the run would submit: the pipeline into a [`crate::sink::CountSink`], its
+/// report and rejects in a temporary folder removed afterwards. `None` when that fails.
+fn count_resources(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> Option<u64> {
+    let dir = tempfile::tempdir().ok()?;
+    let opts = RunOptions {
+        jobs: args.jobs,
+        batch_size: args.batch_size,
+        report_dir: dir.path().to_path_buf(),
+        config_sha256: String::new(),
+        dry_run: true,
+        progress: false,
+        known_rows: None,
+    };
+    let report = pipeline::run(
+        set,
+        &mut ConfigSources { config },
+        Box::new(crate::sink::CountSink),
+        &opts,
+    )
+    .ok()?;
+    Some(report.resources.values().sum())
 }

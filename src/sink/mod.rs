@@ -10,6 +10,38 @@ use crate::source::RowLocation;
 pub mod dry_run;
 pub mod load;
 
+/// A sink that only counts what reaches it and sends nothing: how many resources a run would
+/// submit (for the production confirmation). Every resource is reported as written.
+#[derive(Debug, Default)]
+pub struct CountSink;
+
+impl CountSink {
+    fn outcome(r: &MappedResource) -> RowOutcome {
+        RowOutcome {
+            location: r.location.clone(),
+            resource_type: r.resource_type.clone(),
+            identifier: Some(r.identifier.clone()),
+            status: OutcomeStatus::Written,
+            server_id: None,
+            http_status: None,
+            attempts: 0,
+            message: None,
+        }
+    }
+}
+
+impl Sink for CountSink {
+    fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError> {
+        Ok(batch.iter().map(|p| Self::outcome(&p.resource)).collect())
+    }
+    fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError> {
+        Ok(batch.iter().map(Self::outcome).collect())
+    }
+    fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError> {
+        Ok(Vec::new())
+    }
+}
+
 /// What happened to one resource in a sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

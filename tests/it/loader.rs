@@ -448,6 +448,36 @@ fn production_needs_confirmation_and_says_what_it_would_send() {
     assert_eq!(sb.stats().requests_total("token"), 0);
 }
 
+/// `run --target production` without confirmation maps the sources to say how much it would
+/// send, and sends nothing: the refusal comes before any network use.
+#[test]
+fn an_unconfirmed_production_run_counts_what_it_would_send() {
+    let state = tempfile::tempdir().unwrap();
+    let out = common::fhirlift()
+        .arg("run")
+        .arg(common::repo().join("samples/pipeline.toml"))
+        .args(["--target", "production", "--no-progress", "--state"])
+        .arg(state.path())
+        .env("FHIRLIFT_CLIENT_ID", "id")
+        .env("FHIRLIFT_CLIENT_SECRET", "secret")
+        .env("FHIRLIFT_USERNAME", "user")
+        .env("FHIRLIFT_PASSWORD", "password")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    // The samples map to 46 Patients and 1,866 Observations (their bad rows excluded).
+    assert!(
+        err.contains("refusing to send 1912 resources for center 12001 to production"),
+        "{err}"
+    );
+    assert!(err.contains("--confirm-production"), "{err}");
+    assert!(
+        !state.path().join("ledger.sqlite").exists(),
+        "nothing is recorded for a refused run"
+    );
+}
+
 #[test]
 fn short_lived_tokens_are_refreshed_and_a_refused_token_is_retried_once() {
     // 1-second tokens, 20 ms per request, one request at a time: at least 70 requests take well

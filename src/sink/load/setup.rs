@@ -55,9 +55,14 @@ pub enum SetupError {
     #[error("cannot start the embedded sandbox")]
     Sandbox(#[from] SandboxError),
     #[error(
-        "refusing to send data for center {ccn} to production without --confirm-production (or target.confirm_production = true); rehearse with --target production-test first"
+        "refusing to send {} for center {ccn} to production without --confirm-production (or target.confirm_production = true); rehearse with --target production-test first",
+        match .resources { Some(n) => format!("{n} resources"), None => "data".to_string() }
     )]
-    ProductionNotConfirmed { ccn: String },
+    ProductionNotConfirmed {
+        ccn: String,
+        /// What the run would send, when the sources were mapped to count it.
+        resources: Option<u64>,
+    },
     #[error(
         "target.crid.mode = \"service\" needs a CIBMTR-style target; a generic FHIR server (kind = \"fhir\") takes mode \"column\" or \"none\""
     )]
@@ -122,6 +127,7 @@ fn remote(
     if kind == TargetKind::Production && !confirmed {
         return Err(SetupError::ProductionNotConfirmed {
             ccn: config.center.ccn.clone(),
+            resources: None,
         });
     }
     if kind == TargetKind::Fhir && config.target.crid == CridMode::Service {
