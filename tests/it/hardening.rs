@@ -930,7 +930,9 @@ impl Registry {
                 format!("Quillonia{p}x"),
                 format!("Vorthwick{p}y"),
                 format!("19{:02}-{:02}-{:02}", 40 + p % 50, 1 + p % 12, 10 + p % 18),
-                format!("9{:02}-{:02}-{:04}", p % 100, 10 + p % 89, 1000 + p),
+                // `p % 10_000` keeps the serial to four digits (it was `1000 + p`, which made the
+                // SSNs of patients 9,000 and up five digits long: invalid for the CRID service).
+                format!("9{:02}-{:02}-{:04}", p % 100, 10 + p % 89, p % 10_000),
             ));
             for j in 0..labs_per_patient {
                 r.labs.push(format!("L{mrn}{j:04}"));
