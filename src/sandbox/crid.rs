@@ -9,6 +9,10 @@ use serde_json::{Map, Value, json};
 use unicode_normalization::UnicodeNormalization;
 
 use super::store::{Store, StoreError};
+// The contract's code lists and formats, shared with the mapping stage's check of the same body.
+use crate::validate::crid::{
+    ETHNICITY_CODES, NUMBER_FIELDS, RACE_CODES, STRING_FIELDS, is_date, is_ssn,
+};
 
 /// A rejected request: answered 400 with `{"errorMessage": …}`.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,24 +26,6 @@ pub struct CridRequest {
     name_key: String,
 }
 
-const RACE_CODES: &[&str] = &[
-    "1002-5", "2028-9", "2054-5", "2076-8", "2106-3", "ASKU", "UNK",
-];
-const ETHNICITY_CODES: &[&str] = &["2135-2", "2186-5", "UNK"];
-const STRING_FIELDS: &[&str] = &[
-    "firstName",
-    "lastName",
-    "birthDate",
-    "gender",
-    "ssn",
-    "mothersMaidenName",
-    "ethnicity",
-    "ebmtCic",
-    "ebmtId",
-    "cibmtrIubmid",
-];
-const NUMBER_FIELDS: &[&str] = &["nmdpRid", "cibmtrTeam"];
-
 fn err(msg: impl Into<String>) -> CridRequestError {
     CridRequestError(msg.into())
 }
@@ -51,19 +37,6 @@ pub fn normalize_name(s: &str) -> String {
         .flat_map(char::to_lowercase)
         .filter(|c| c.is_alphanumeric())
         .collect()
-}
-
-fn is_ssn(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 11
-        && b.iter().enumerate().all(|(i, c)| match i {
-            3 | 6 => *c == b'-',
-            _ => c.is_ascii_digit(),
-        })
-}
-
-fn is_date(s: &str) -> bool {
-    s.len() == 10 && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok()
 }
 
 impl CridRequest {

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::report::{create_private, sha256_file};
 use crate::resource::{MappedPatient, MappedResource};
 
-use super::{OutcomeStatus, RowOutcome, Sink, SinkError};
+use super::{RowOutcome, Sink, SinkError};
 
 /// Entries per transaction Bundle: the target refuses more than 50.
 pub const BUNDLE_MAX: usize = 50;
@@ -124,16 +124,7 @@ impl DryRunSink {
                 self.flush_bundle()?;
             }
         }
-        Ok(RowOutcome {
-            location: r.location.clone(),
-            resource_type: r.resource_type.clone(),
-            identifier: Some(r.identifier.clone()),
-            status: OutcomeStatus::Written,
-            server_id: None,
-            http_status: None,
-            attempts: 0,
-            message: None,
-        })
+        Ok(RowOutcome::written(r))
     }
 
     fn flush_bundle(&mut self) -> Result<(), SinkError> {
@@ -320,6 +311,7 @@ fn clear_previous(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::resource::BusinessIdentifier;
+    use crate::sink::OutcomeStatus;
     use crate::source::RowLocation;
 
     fn obs(n: u64) -> MappedResource {

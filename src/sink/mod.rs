@@ -15,27 +15,15 @@ pub mod load;
 #[derive(Debug, Default)]
 pub struct CountSink;
 
-impl CountSink {
-    fn outcome(r: &MappedResource) -> RowOutcome {
-        RowOutcome {
-            location: r.location.clone(),
-            resource_type: r.resource_type.clone(),
-            identifier: Some(r.identifier.clone()),
-            status: OutcomeStatus::Written,
-            server_id: None,
-            http_status: None,
-            attempts: 0,
-            message: None,
-        }
-    }
-}
-
 impl Sink for CountSink {
     fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError> {
-        Ok(batch.iter().map(|p| Self::outcome(&p.resource)).collect())
+        Ok(batch
+            .iter()
+            .map(|p| RowOutcome::written(&p.resource))
+            .collect())
     }
     fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError> {
-        Ok(batch.iter().map(Self::outcome).collect())
+        Ok(batch.iter().map(RowOutcome::written).collect())
     }
     fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError> {
         Ok(Vec::new())
@@ -71,6 +59,22 @@ pub struct RowOutcome {
     pub attempts: u32,
     /// Why it was rejected (the server's OperationOutcome text, or the sink's reason).
     pub message: Option<String>,
+}
+
+impl RowOutcome {
+    /// A resource a sink wrote (or counted) without sending it anywhere.
+    pub fn written(r: &MappedResource) -> RowOutcome {
+        RowOutcome {
+            location: r.location.clone(),
+            resource_type: r.resource_type.clone(),
+            identifier: Some(r.identifier.clone()),
+            status: OutcomeStatus::Written,
+            server_id: None,
+            http_status: None,
+            attempts: 0,
+            message: None,
+        }
+    }
 }
 
 /// A failure that stops the whole sink (not one row): cannot write the output folder, cannot

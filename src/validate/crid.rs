@@ -13,7 +13,8 @@ use super::{Issue, Severity};
 const ROOT: &str = "CRID.patient";
 
 const REQUIRED: &[&str] = &["firstName", "lastName", "birthDate", "gender"];
-const STRINGS: &[&str] = &[
+/// Members the contract types as strings.
+pub(crate) const STRING_FIELDS: &[&str] = &[
     "firstName",
     "lastName",
     "birthDate",
@@ -25,11 +26,14 @@ const STRINGS: &[&str] = &[
     "ebmtId",
     "cibmtrIubmid",
 ];
-const NUMBERS: &[&str] = &["nmdpRid", "cibmtrTeam"];
-const RACE_CODES: &[&str] = &[
+/// Members the contract types as JSON numbers.
+pub(crate) const NUMBER_FIELDS: &[&str] = &["nmdpRid", "cibmtrTeam"];
+/// CRID race codes.
+pub(crate) const RACE_CODES: &[&str] = &[
     "1002-5", "2028-9", "2054-5", "2076-8", "2106-3", "ASKU", "UNK",
 ];
-const ETHNICITY_CODES: &[&str] = &["2135-2", "2186-5", "UNK"];
+/// CRID ethnicity codes.
+pub(crate) const ETHNICITY_CODES: &[&str] = &["2135-2", "2186-5", "UNK"];
 
 fn error(issues: &mut Vec<Issue>, member: &str, message: &str) {
     issues.push(Issue {
@@ -39,11 +43,13 @@ fn error(issues: &mut Vec<Issue>, member: &str, message: &str) {
     });
 }
 
-fn is_date(s: &str) -> bool {
+/// `YYYY-MM-DD`, a real date.
+pub(crate) fn is_date(s: &str) -> bool {
     s.len() == 10 && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok()
 }
 
-fn is_ssn(s: &str) -> bool {
+/// `###-##-####`.
+pub(crate) fn is_ssn(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 11
         && b.iter().enumerate().all(|(i, c)| match i {
@@ -72,7 +78,7 @@ pub fn validate_crid_patient(patient: &Map<String, Value>) -> Vec<Issue> {
     }
     for (member, value) in patient {
         let name = member.as_str();
-        if STRINGS.contains(&name) {
+        if STRING_FIELDS.contains(&name) {
             let Some(text) = value.as_str() else {
                 error(&mut issues, name, "must be a string");
                 continue;
@@ -94,7 +100,7 @@ pub fn validate_crid_patient(patient: &Map<String, Value>) -> Vec<Issue> {
                 ),
                 _ => {}
             }
-        } else if NUMBERS.contains(&name) {
+        } else if NUMBER_FIELDS.contains(&name) {
             if !value.is_number() {
                 error(&mut issues, name, "must be a number");
             }

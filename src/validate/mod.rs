@@ -34,7 +34,7 @@
 //! ```
 
 mod cibmtr;
-mod crid;
+pub(crate) mod crid;
 pub mod primitives;
 mod r4;
 
