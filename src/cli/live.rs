@@ -38,14 +38,14 @@ pub fn run_live(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> su
     };
     // Everything that needs no lock and no network is checked first: a bad target, missing
     // credentials or an unconfirmed production run fail before anything is recorded.
-    if let Err(setup::SetupError::ProductionNotConfirmed { ccn, .. }) =
-        setup::precheck(config, &flags)
-    {
-        // Say what would have gone: the sources mapped into a counting sink, nothing sent.
-        let resources = count_resources(args, config, set);
-        return Err(setup::SetupError::ProductionNotConfirmed { ccn, resources }.into());
+    match setup::precheck(config, &flags) {
+        Err(setup::SetupError::ProductionNotConfirmed { ccn, .. }) => {
+            // Say what would have gone: the sources mapped into a counting sink, nothing sent.
+            let resources = count_resources(args, config, set);
+            return Err(setup::SetupError::ProductionNotConfirmed { ccn, resources }.into());
+        }
+        checked => checked?,
     }
-    setup::precheck(config, &flags)?;
     let scope = setup::scope(config, &flags)?;
     let session = match RunSession::start(
         config,

@@ -459,7 +459,7 @@ mod wrapped_sink {
                 .into_iter()
                 .map(|p| {
                     seen.push(format!("Patient {}", p.resource.identifier.value));
-                    written(&p.resource)
+                    RowOutcome::written(&p.resource)
                 })
                 .collect())
         }
@@ -469,25 +469,12 @@ mod wrapped_sink {
                 .into_iter()
                 .map(|r| {
                     seen.push(format!("{} {}", r.resource_type, r.identifier.value));
-                    written(&r)
+                    RowOutcome::written(&r)
                 })
                 .collect())
         }
         fn finish(self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError> {
             Ok(Vec::new())
-        }
-    }
-
-    fn written(r: &MappedResource) -> RowOutcome {
-        RowOutcome {
-            location: r.location.clone(),
-            resource_type: r.resource_type.clone(),
-            identifier: Some(r.identifier.clone()),
-            status: OutcomeStatus::Written,
-            server_id: None,
-            http_status: None,
-            attempts: 0,
-            message: None,
         }
     }
 

@@ -164,9 +164,9 @@ impl CridAssigner for CridService {
                     attempts: reply.attempts,
                 });
             }
-            Ok(match interpret(&reply.body) {
-                Ok(crid) => CridOutcome::Assigned {
-                    new: reply.attempts <= 1 && is_new(&reply.body),
+            Ok(match interpret_answer(&reply.body) {
+                Ok((crid, new)) => CridOutcome::Assigned {
+                    new: reply.attempts <= 1 && new,
                     crid,
                     attempts: reply.attempts,
                 },
@@ -198,6 +198,12 @@ pub fn request_body(ccn: &str, demographics: &Map<String, Value>) -> Value {
 /// Reads the CRID from a 2xx answer: exactly one perfect match, or a new top-level `crid`.
 /// Anything else is ambiguous and returned as the reason.
 pub fn interpret(body: &[u8]) -> Result<Crid, String> {
+    interpret_answer(body).map(|(crid, _)| crid)
+}
+
+/// [`interpret`], and whether the answer is the new-patient form (a top-level `crid` and no
+/// perfect match) rather than a match with a patient the service knew.
+pub fn interpret_answer(body: &[u8]) -> Result<(Crid, bool), String> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|_| "CRID service answered with something that is not JSON".to_string())?;
     let perfect: Vec<&Value> = v
@@ -211,16 +217,18 @@ pub fn interpret(body: &[u8]) -> Result<Crid, String> {
         ([one], None) => one
             .get("crid")
             .and_then(Crid::from_json)
+            .map(|c| (c, false))
             .ok_or_else(|| "CRID service: the perfect match carries no CRID".to_string()),
         ([one], Some(t)) => {
             let a = one.get("crid").and_then(Crid::from_json);
             let b = Crid::from_json(t);
             match (a, b) {
-                (Some(a), Some(b)) if a == b => Ok(a),
+                (Some(a), Some(b)) if a == b => Ok((a, false)),
                 _ => Err("ambiguous CRID: a perfect match and a different new CRID; resolve it with CIBMTR".into()),
             }
         }
         ([], Some(t)) => Crid::from_json(t)
+            .map(|c| (c, true))
             .ok_or_else(|| "CRID service: the new CRID is not a number".to_string()),
         ([], None) => Err(format!(
             "ambiguous CRID: no perfect match and no new CRID ({} fuzzy, {} hidden matches); resolve it with CIBMTR",
@@ -232,17 +240,6 @@ pub fn interpret(body: &[u8]) -> Result<Crid, String> {
             many.len()
         )),
     }
-}
-
-/// Whether an answer [`interpret`] accepted is the new-patient form (a top-level `crid` and no
-/// perfect match) rather than a match with a patient the service knew.
-pub fn is_new(body: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(body).is_ok_and(|v| {
-        v.get("crid").is_some_and(|c| !c.is_null())
-            && v.get("perfectMatch")
-                .and_then(Value::as_array)
-                .is_none_or(Vec::is_empty)
-    })
 }
 
 /// The `errorMessage` of an error answer, shortened; or a generic text.
@@ -304,6 +301,7 @@ mod tests {
             br#"{"perfectMatch":[{"matchedCriteria":["SSN","Gender","DateOfBirth"],"matchType":"Perfect1","crid":4598886}]}"#,
         );
         assert_eq!(ok.map(|c| c.to_string()), Ok("4598886".into()));
+        let is_new = |body: &[u8]| interpret_answer(body).is_ok_and(|(_, new)| new);
         assert!(is_new(br#"{"crid":1982897480019337}"#));
         assert!(!is_new(
             br#"{"perfectMatch":[{"matchType":"Perfect1","crid":4598886}]}"#

@@ -1072,15 +1072,13 @@ async fn patient_step(
         None => Query::by_identifier("Patient", &r.identifier),
     };
     let hash = content_hash(&body);
-    if defer
-        && new_crid
-        && let Plan::Search { known: false } = plan(shared, r, &hash)
-    {
-        return Ok((None, PatientReady::Deferred { body, hash, query }));
-    }
     if defer && let Plan::Search { known: false } = plan(shared, r, &hash) {
-        // The contract's search comes first; only a Patient the server does not hold is
-        // deferred to a Bundle. Anything else takes the ordinary way below.
+        // The contract's search comes first (unless the CRID is new: then no Patient can carry
+        // it); only a Patient the server does not hold is deferred to a Bundle. Anything else
+        // takes the ordinary way below.
+        if new_crid {
+            return Ok((None, PatientReady::Deferred { body, hash, query }));
+        }
         if let Ok((hits, attempts)) = shared.fhir.search(&query).await {
             match hits.as_slice() {
                 [] => return Ok((None, PatientReady::Deferred { body, hash, query })),
