@@ -100,7 +100,7 @@ pub fn run(args: RenderArgs) -> CommandResult {
             match &mapped.mapped {
                 Mapped::Patient(p) => {
                     println!("== Resource: Patient");
-                    println!("{}", pretty(&p.resource.body));
+                    println!("{}", pretty(&p.resource.body.value()));
                     if let Some(d) = &p.crid_demographics {
                         println!("== CRID request (personal data)");
                         let body = serde_json::json!({"ccn": config.center.ccn, "patient": d});
@@ -110,7 +110,7 @@ pub fn run(args: RenderArgs) -> CommandResult {
                 Mapped::Resources(rs) => {
                     for r in rs {
                         println!("== Resource: {} {}", r.resource_type, r.identifier.value);
-                        println!("{}", pretty(&r.body));
+                        println!("{}", pretty(&r.body.value()));
                     }
                     if rs.is_empty() {
                         println!("== No resource (no filled column)");

@@ -492,7 +492,7 @@ mod wrapped_sink {
                 system: "urn:x".into(),
                 value: key.into(),
             },
-            body: serde_json::json!({"resourceType": rt}),
+            body: crate::resource::Body::from_value(&serde_json::json!({"resourceType": rt})),
         }
     }
 

@@ -7,8 +7,10 @@
 //! must not touch files, the environment or the clock, and their messages must not quote patient
 //! values (codes are fine).
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone};
 use minijinja::value::{Object, ObjectRepr, Value};
@@ -71,11 +73,11 @@ fn is_empty(v: &Value) -> bool {
     v.is_none() || v.is_undefined() || v.as_str().is_some_and(|s| s.trim().is_empty())
 }
 
-/// The value as text, for values that are codes or dates.
-fn text_of(v: &Value) -> String {
+/// The value as text, for values that are codes or dates: borrowed when it is a string.
+fn text_of(v: &Value) -> Cow<'_, str> {
     match v.as_str() {
-        Some(s) => s.trim().to_string(),
-        None => v.to_string(),
+        Some(s) => Cow::Borrowed(s.trim()),
+        None => Cow::Owned(v.to_string()),
     }
 }
 
@@ -101,7 +103,7 @@ pub fn date(value: Value) -> Result<Value, Error> {
 /// source's configured zone (the context variable `timezone`); an instant that does not exist in
 /// that zone (a spring-forward gap) is an error, an ambiguous one (fall-back) takes the earlier
 /// offset. A date without a time stays a date (FHIR allows it; no time is invented).
-pub fn date_time(state: &State, value: Value, zone: Option<String>) -> Result<Value, Error> {
+pub fn date_time(state: &State, value: Value, zone: Option<&str>) -> Result<Value, Error> {
     if is_empty(&value) {
         return Ok(Value::from(()));
     }
@@ -113,15 +115,19 @@ pub fn date_time(state: &State, value: Value, zone: Option<String>) -> Result<Va
         Temporal::Date(d) => d.format("%Y-%m-%d").to_string(),
         Temporal::Offset(dt) => format_offset(&dt),
         Temporal::Naive(naive) => {
+            let context_zone;
             let zone_name = match zone {
                 Some(z) => z,
-                None => state
-                    .lookup("timezone")
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_else(|| "UTC".to_string()),
+                None => {
+                    context_zone = state.lookup("timezone");
+                    context_zone
+                        .as_ref()
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("UTC")
+                }
             };
-            let tz = chrono_tz::Tz::from_str(&zone_name)
-                .map_err(|_| invalid(format!("unknown time zone {zone_name:?}")))?;
+            let tz = time_zone(zone_name)
+                .ok_or_else(|| invalid(format!("unknown time zone {zone_name:?}")))?;
             let local = tz.from_local_datetime(&naive).earliest().ok_or_else(|| {
                 invalid(format!(
                     "the local time does not exist in {zone_name} (daylight-saving gap)"
@@ -133,8 +139,54 @@ pub fn date_time(state: &State, value: Value, zone: Option<String>) -> Result<Va
     Ok(Value::from(out))
 }
 
+/// The zone of an IANA name. The last name seen on this thread is kept, since a run reads one
+/// or two zones for millions of rows.
+fn time_zone(name: &str) -> Option<chrono_tz::Tz> {
+    thread_local! {
+        static LAST: RefCell<Option<(String, chrono_tz::Tz)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((n, tz)) if n == name => Some(*tz),
+        _ => {
+            let tz = chrono_tz::Tz::from_str(name).ok()?;
+            *last = Some((name.to_string(), tz));
+            Some(tz)
+        }
+    })
+}
+
+/// RFC 3339 with the offset (`+HH:MM`, `Z` never used); fractions of a second only when there
+/// are any. Whole seconds, the common case, are written without chrono's formatter.
 fn format_offset(dt: &DateTime<chrono::FixedOffset>) -> String {
-    dt.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+    use chrono::{Datelike, Timelike};
+    let year = dt.year();
+    if dt.nanosecond() != 0 || !(0..=9999).contains(&year) {
+        return dt.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
+    }
+    let offset = dt.offset().local_minus_utc();
+    let (sign, offset) = if offset < 0 {
+        ('-', -offset)
+    } else {
+        ('+', offset)
+    };
+    let mut out = String::with_capacity(25);
+    let mut two = |n: u32, sep: char| {
+        out.push(char::from(b'0' + (n / 10 % 10) as u8));
+        out.push(char::from(b'0' + (n % 10) as u8));
+        if sep != '\0' {
+            out.push(sep);
+        }
+    };
+    two(year as u32 / 100, '\0');
+    two(year as u32 % 100, '-');
+    two(dt.month(), '-');
+    two(dt.day(), 'T');
+    two(dt.hour(), ':');
+    two(dt.minute(), ':');
+    two(dt.second(), sign);
+    two(offset as u32 / 3600, ':');
+    two(offset as u32 / 60 % 60, '\0');
+    out
 }
 
 enum Temporal {
@@ -210,7 +262,7 @@ pub fn lookup_in(lookups: &Lookups, table: &str, key: &Value) -> Result<Value, E
         None => {
             let e = UnmappedCode {
                 table: table.to_string(),
-                code,
+                code: code.into_owned(),
             };
             Err(invalid(e.to_string()).with_source(e))
         }
@@ -397,37 +449,46 @@ pub fn decimal(value: Value) -> Result<Value, Error> {
 /// `<`, `<=`, `>=`, `>` or empty. `none` stays `none`.
 pub fn quantity(
     value: Value,
-    code: String,
+    code: &str,
     kwargs: minijinja::value::Kwargs,
 ) -> Result<Value, Error> {
-    let comparator: Option<Value> = kwargs.get("comparator")?;
-    let unit: Option<String> = kwargs.get("unit")?;
-    kwargs.assert_all_used()?;
+    static UCUM_VALUE: LazyLock<Value> = LazyLock::new(|| Value::from(UCUM));
+    // `peek` and a check of the names, rather than `get` and `assert_all_used`, which keep a
+    // set of the names used for every call.
+    if let Some(other) = kwargs.args().find(|a| !matches!(*a, "comparator" | "unit")) {
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            format!("unknown keyword argument '{other}'"),
+        ));
+    }
+    let comparator: Option<Value> = kwargs.peek("comparator")?;
+    let unit: Option<&str> = kwargs.peek("unit")?;
     let Some(number) = to_decimal(&value)? else {
         return Ok(Value::from(()));
     };
     if code.trim().is_empty() || code.contains(char::is_whitespace) {
         return Err(invalid(format!("{code:?} is not a UCUM code")));
     }
-    let mut members: Vec<(&str, Value)> = vec![("value", Value::from_object(DecimalValue(number)))];
+    let mut members: Vec<(&'static str, Value)> = Vec::with_capacity(5);
+    members.push(("value", Value::from_object(DecimalValue(number))));
     if let Some(c) = comparator.filter(|c| !is_empty(c)) {
         let c = text_of(&c);
-        if !matches!(c.as_str(), "<" | "<=" | ">=" | ">") {
+        if !matches!(&*c, "<" | "<=" | ">=" | ">") {
             return Err(invalid(format!(
                 "comparator {c:?} is not one of <, <=, >=, >"
             )));
         }
-        members.push(("comparator", Value::from(c)));
+        members.push(("comparator", Value::from(&*c)));
     }
-    members.push(("unit", Value::from(unit.unwrap_or_else(|| code.clone()))));
-    members.push(("system", Value::from(UCUM)));
+    members.push(("unit", Value::from(unit.unwrap_or(code))));
+    members.push(("system", UCUM_VALUE.clone()));
     members.push(("code", Value::from(code)));
     Ok(super::json::JsonMap::value(members))
 }
 
 /// `key | uuid5("Observation")` — a deterministic UUID (v5, in fhirlift's namespace) of a kind
 /// and a key: the same key always gives the same id, different kinds never collide.
-pub fn uuid5(key: Value, kind: Option<String>) -> Result<Value, Error> {
+pub fn uuid5(key: Value, kind: Option<&str>) -> Result<Value, Error> {
     if is_empty(&key) {
         return Err(invalid("uuid5 needs a non-empty key"));
     }
@@ -439,10 +500,10 @@ pub fn uuid5(key: Value, kind: Option<String>) -> Result<Value, Error> {
 
 /// `row.birth_date | required("birth_date")` — the value itself, or a [`RequiredMissing`] row
 /// error naming the column when it is empty.
-pub fn required(value: Value, column: Option<String>) -> Result<Value, Error> {
+pub fn required(value: Value, column: Option<&str>) -> Result<Value, Error> {
     if is_empty(&value) {
         let e = RequiredMissing {
-            column: column.unwrap_or_else(|| "(unnamed)".to_string()),
+            column: column.unwrap_or("(unnamed)").to_string(),
         };
         return Err(invalid(e.to_string()).with_source(e));
     }
@@ -642,15 +703,42 @@ mod tests {
     fn quantity_keeps_scale_and_checks_the_comparator() {
         let v = Value::from_object(DecimalValue(Decimal::from_str("12.50").expect("d")));
         let kw = minijinja::value::Kwargs::from_iter([("comparator", Value::from("<"))]);
-        let q = quantity(v, "g/dL".into(), kw).expect("quantity");
+        let q = quantity(v, "g/dL", kw).expect("quantity");
         assert_eq!(q.get_attr("value").expect("v").to_string(), "12.50");
         assert_eq!(q.get_attr("comparator").expect("c").as_str(), Some("<"));
         assert_eq!(q.get_attr("system").expect("s").as_str(), Some(UCUM));
         assert_eq!(q.get_attr("code").expect("c").as_str(), Some("g/dL"));
         let kw = minijinja::value::Kwargs::from_iter([("comparator", Value::from("~"))]);
-        assert!(quantity(Value::from("1"), "g/dL".into(), kw).is_err());
+        assert!(quantity(Value::from("1"), "g/dL", kw).is_err());
         let kw = minijinja::value::Kwargs::from_iter(Vec::<(&str, Value)>::new());
-        assert!(quantity(Value::from("pending"), "g/dL".into(), kw).is_err());
+        assert!(quantity(Value::from("pending"), "g/dL", kw).is_err());
+        // A misspelt keyword is an error, not silently ignored.
+        let kw = minijinja::value::Kwargs::from_iter([("comparater", Value::from("<"))]);
+        let e = quantity(Value::from("1"), "g/dL", kw).expect_err("unknown keyword");
+        assert_eq!(e.kind(), ErrorKind::TooManyArguments);
+        let kw = minijinja::value::Kwargs::from_iter([("unit", Value::from("grams/dL"))]);
+        let q = quantity(Value::from("1"), "g/dL", kw).expect("unit");
+        assert_eq!(q.get_attr("unit").expect("u").as_str(), Some("grams/dL"));
+    }
+
+    #[test]
+    fn offsets_are_written_as_rfc_3339_whatever_the_path() {
+        let zone = chrono::FixedOffset::west_opt(5 * 3600 + 30 * 60).expect("offset");
+        let whole = zone
+            .with_ymd_and_hms(2024, 3, 1, 8, 5, 9)
+            .single()
+            .expect("instant");
+        assert_eq!(format_offset(&whole), "2024-03-01T08:05:09-05:30");
+        assert_eq!(
+            format_offset(&whole),
+            whole.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+        );
+        let fraction = whole + chrono::Duration::milliseconds(250);
+        assert_eq!(format_offset(&fraction), "2024-03-01T08:05:09.250-05:30");
+        let utc = chrono::FixedOffset::east_opt(0)
+            .and_then(|z| z.with_ymd_and_hms(812, 12, 31, 23, 59, 59).single())
+            .expect("utc");
+        assert_eq!(format_offset(&utc), "0812-12-31T23:59:59+00:00");
     }
 
     #[test]
@@ -664,9 +752,9 @@ mod tests {
 
     #[test]
     fn uuid5_is_deterministic_per_kind_and_key() {
-        let a = uuid5(Value::from("A1"), Some("Observation".into())).expect("a");
-        let b = uuid5(Value::from("A1"), Some("Observation".into())).expect("b");
-        let c = uuid5(Value::from("A1"), Some("Patient".into())).expect("c");
+        let a = uuid5(Value::from("A1"), Some("Observation")).expect("a");
+        let b = uuid5(Value::from("A1"), Some("Observation")).expect("b");
+        let c = uuid5(Value::from("A1"), Some("Patient")).expect("c");
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(a.as_str().map(str::len), Some(36));
@@ -679,7 +767,7 @@ mod tests {
             required(Value::from("x"), None).expect("x").as_str(),
             Some("x")
         );
-        let e = required(Value::from(" "), Some("birth_date".into())).expect_err("empty");
+        let e = required(Value::from(" "), Some("birth_date")).expect_err("empty");
         let src = std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<RequiredMissing>())
             .expect("required source");

@@ -1,11 +1,12 @@
 //! JSON output of templates: the formatter that writes `{{ … }}` values into `*.json.j2`
-//! templates, and the clean-up of rendered documents.
+//! templates (the rendered documents are parsed and cleaned up by [`crate::resource::json`]).
 //!
 //! minijinja's own JSON escaping goes through serde, which would turn a decimal into a string;
 //! this formatter writes [`DecimalValue`]s as bare JSON numbers with their scale, and everything
 //! else as proper JSON (strings escaped, so a quote or backslash in a value cannot break the
 //! document). It must not be used for anything but template output.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -18,14 +19,23 @@ use super::filters::DecimalValue;
 /// members in order, readable as `x.member`, and written by [`formatter`] straight from the list
 /// instead of through minijinja's generic map iteration.
 #[derive(Debug, Clone, Default)]
-pub struct JsonMap(pub Vec<(Arc<str>, Value)>);
+pub struct JsonMap(pub Vec<(Cow<'static, str>, Value)>);
 
 impl JsonMap {
     /// A map value from `(name, value)` pairs.
-    pub fn value<K: Into<Arc<str>>>(members: impl IntoIterator<Item = (K, Value)>) -> Value {
+    pub fn value<K: Into<Cow<'static, str>>>(
+        members: impl IntoIterator<Item = (K, Value)>,
+    ) -> Value {
         Value::from_object(JsonMap(
             members.into_iter().map(|(k, v)| (k.into(), v)).collect(),
         ))
+    }
+
+    fn member(&self, name: &str) -> Option<Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
 }
 
@@ -35,15 +45,15 @@ impl Object for JsonMap {
     }
 
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        let key = key.as_str()?;
-        self.0
-            .iter()
-            .find(|(k, _)| &**k == key)
-            .map(|(_, v)| v.clone())
+        self.member(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        self.member(key)
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        Enumerator::Values(self.0.iter().map(|(k, _)| Value::from(k.clone())).collect())
+        Enumerator::Values(self.0.iter().map(|(k, _)| Value::from(&**k)).collect())
     }
 
     fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
@@ -173,26 +183,6 @@ pub fn escape_str<W: Write>(out: &mut W, s: &str) -> std::fmt::Result {
     out.write_char('"')
 }
 
-/// Removes `null` members and array items, then the objects and arrays left empty, so that a
-/// template can write `"birthDate": {{ row.birth_date | date }}` and an empty cell leaves the
-/// element out (FHIR JSON forbids `null` and empty objects/arrays). Returns whether `v` itself
-/// ended up empty.
-pub fn strip_nulls(v: &mut serde_json::Value) -> bool {
-    use serde_json::Value as J;
-    match v {
-        J::Null => true,
-        J::Object(map) => {
-            map.retain(|_, child| !strip_nulls(child));
-            map.is_empty()
-        }
-        J::Array(items) => {
-            items.retain_mut(|child| !strip_nulls(child));
-            items.is_empty()
-        }
-        J::String(_) | J::Number(_) | J::Bool(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,14 +224,5 @@ mod tests {
         assert_eq!(out, r#"{"a": 12.50, "b": {"value":12.50}, "c": 1.5}"#);
         let v: serde_json::Value = serde_json::from_str(&out).expect("valid");
         assert_eq!(serde_json::to_string(&v["a"]).expect("s"), "12.50");
-    }
-
-    #[test]
-    fn nulls_and_what_they_leave_empty_are_removed() {
-        let mut v = serde_json::json!({
-            "a": null, "b": {"c": null}, "d": [null, {"e": null}], "f": [1, null], "g": "x"
-        });
-        strip_nulls(&mut v);
-        assert_eq!(v, serde_json::json!({"f": [1], "g": "x"}));
     }
 }

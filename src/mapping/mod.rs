@@ -16,16 +16,21 @@ use minijinja::value::Value as JValue;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 
 use crate::config::PipelineConfig;
-use crate::resource::{BusinessIdentifier, MappedPatient, MappedResource};
+use crate::resource::json as json_doc;
+use crate::resource::{Body, BusinessIdentifier, MappedPatient, MappedResource};
 use crate::source::{Row, Value};
 use crate::validate::{CibmtrRules, Issue, Severity};
 
+use context::{RowContext, RowValues};
+
+mod context;
 mod error;
 pub mod filters;
 pub mod json;
 pub mod lookup;
 pub mod spec;
 
+pub use context::cell_value;
 pub use error::{MappingError, RowError, TemplateFailure};
 pub use json::JsonMap;
 pub use lookup::{LookupTable, Lookups};
@@ -207,7 +212,7 @@ impl MappingSet {
             &config.fhir.security_system,
             &config.fhir.crid_system,
         );
-        let center = JValue::from_iter([
+        let center = JsonMap::value([
             ("ccn", JValue::from(config.center.ccn.as_str())),
             (
                 "security_system",
@@ -373,7 +378,7 @@ impl MappingSet {
         let m = &self.mappings[index];
         let patient_key = key_of(row, &m.spec.patient_key, "patient key")?;
         let record_key = key_of(row, &m.spec.record_key, "record key")?;
-        Ok(self.base_context(m, row_values(row), &patient_key, &record_key, None))
+        Ok(self.base_context(m, RowValues::value(row), &patient_key, &record_key, None))
     }
 
     /// Maps one row through mapping `index`. Pure: the same row always gives the same result.
@@ -391,7 +396,8 @@ impl MappingSet {
                     system: m.spec.identifier_system.clone(),
                     value: patient_key.clone(),
                 };
-                let ctx = self.base_context(m, row_values(row), &patient_key, &record_key, None);
+                let ctx =
+                    self.base_context(m, RowValues::value(row), &patient_key, &record_key, None);
                 let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
                 let crid_demographics = match &m.spec.crid_template {
                     Some(t) => Some(self.render_crid(m, row, t, &ctx)?),
@@ -422,7 +428,8 @@ impl MappingSet {
                     system: m.spec.identifier_system.clone(),
                     value: record_key.clone(),
                 };
-                let ctx = self.base_context(m, row_values(row), &patient_key, &record_key, None);
+                let ctx =
+                    self.base_context(m, RowValues::value(row), &patient_key, &record_key, None);
                 let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
                 Mapped::Resources(vec![MappedResource {
                     location: row.location.clone(),
@@ -435,7 +442,7 @@ impl MappingSet {
             }
             MappingKind::Resource => {
                 let mut out = Vec::new();
-                let rv = row_values(row);
+                let rv = RowValues::value(row);
                 for w in &m.spec.wide {
                     let value = match row.get(&w.column) {
                         Some(v) if !v.is_null() => v,
@@ -490,30 +497,20 @@ impl MappingSet {
             None if m.spec.kind == MappingKind::Patient => patient_key,
             None => record_key,
         };
-        let mut members: Vec<(&'static str, JValue)> = Vec::with_capacity(9);
-        members.extend([
-            ("row", row_value),
-            ("patient_key", JValue::from(patient_key)),
-            ("record_key", JValue::from(record_key)),
-            (
-                "identifier",
-                JsonMap::value([
-                    ("system", m.identifier_system.clone()),
-                    ("value", JValue::from(identifier_value)),
-                ]),
-            ),
-            (
-                "patient_ref",
-                JValue::from(crate::resource::patient_placeholder(patient_key)),
-            ),
-            ("center", self.center.clone()),
-            ("mapping", m.name_value.clone()),
-            ("timezone", m.timezone_value.clone()),
-        ]);
-        if let Some(item) = item {
-            members.push(("item", item));
-        }
-        JsonMap::value(members)
+        JValue::from_object(RowContext {
+            row: row_value,
+            patient_key: JValue::from(patient_key),
+            record_key: JValue::from(record_key),
+            identifier: JsonMap::value([
+                ("system", m.identifier_system.clone()),
+                ("value", JValue::from(identifier_value)),
+            ]),
+            patient_ref: JValue::from(crate::resource::patient_placeholder(patient_key)),
+            center: self.center.clone(),
+            mapping: m.name_value.clone(),
+            timezone: m.timezone_value.clone(),
+            item,
+        })
     }
 
     /// Renders a template to text (for `render` and the tests).
@@ -531,30 +528,24 @@ impl MappingSet {
         t.render(ctx).map_err(|e| self.template_error(m, row, &e))
     }
 
-    fn render_json(
+    /// Renders a template to a JSON tree with its nulls stripped.
+    fn render_tree<'t>(
         &self,
-        m: &Mapping,
         row: &Row,
         template: &str,
-        ctx: &JValue,
-    ) -> Result<serde_json::Value, RowError> {
-        let text = self.render_text(m, row, template, ctx)?;
-        let mut value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| RowError::Json {
-                location: row.location.clone(),
-                template: template.to_string(),
-                // serde's message names the position in the output, never the output itself.
-                message: format!(
-                    "{} at line {} column {}",
-                    json_error_kind(&e),
-                    e.line(),
-                    e.column()
-                ),
-            })?;
-        json::strip_nulls(&mut value);
-        Ok(value)
+        text: &'t str,
+    ) -> Result<json_doc::Node<'t>, RowError> {
+        let mut tree = json_doc::parse(text).map_err(|e| RowError::Json {
+            location: row.location.clone(),
+            template: template.to_string(),
+            // The message names the position in the output, never the output itself.
+            message: e.to_string(),
+        })?;
+        json_doc::strip_nulls(&mut tree);
+        Ok(tree)
     }
 
+    /// Renders, parses, strips and validates one resource; the result is its compact JSON.
     fn render_resource(
         &self,
         m: &Mapping,
@@ -562,8 +553,10 @@ impl MappingSet {
         ctx: &JValue,
         identifier: &BusinessIdentifier,
         warnings: &mut Vec<(String, Issue)>,
-    ) -> Result<serde_json::Value, RowError> {
-        let body = self.render_json(m, row, &m.spec.template, ctx)?;
+    ) -> Result<Body, RowError> {
+        let template = &m.spec.template;
+        let text = self.render_text(m, row, template, ctx)?;
+        let body = self.render_tree(row, template, &text)?;
         let rt = &m.spec.resource_type;
         let mut issues = Vec::new();
         match body.get("resourceType").and_then(|v| v.as_str()) {
@@ -584,7 +577,7 @@ impl MappingSet {
                 ),
             });
         }
-        issues.extend(crate::validate::validate(&body, &self.rules));
+        issues.extend(crate::validate::validate_node(&body, &self.rules));
         if issues.iter().any(|i| i.severity == Severity::Error) {
             return Err(RowError::Invalid {
                 location: row.location.clone(),
@@ -593,7 +586,7 @@ impl MappingSet {
             });
         }
         warnings.extend(issues.into_iter().map(|i| (rt.clone(), i)));
-        Ok(body)
+        Ok(Body::from_node(&body))
     }
 
     fn render_crid(
@@ -603,8 +596,12 @@ impl MappingSet {
         template: &str,
         ctx: &JValue,
     ) -> Result<serde_json::Map<String, serde_json::Value>, RowError> {
-        match self.render_json(m, row, template, ctx)? {
-            serde_json::Value::Object(map) => {
+        let text = self.render_text(m, row, template, ctx)?;
+        let tree = self.render_tree(row, template, &text)?;
+        let mut compact = String::new();
+        json_doc::write_compact(&mut compact, &tree);
+        match serde_json::from_str(&compact) {
+            Ok(serde_json::Value::Object(map)) => {
                 let issues = crate::validate::validate_crid_patient(&map);
                 if issues.is_empty() {
                     Ok(map)
@@ -667,7 +664,7 @@ impl MappingSet {
         let record_key = key_of(row, &m.spec.record_key, "record key")?;
         let mut out = Vec::new();
         if m.spec.wide.is_empty() {
-            let ctx = self.base_context(m, row_values(row), &patient_key, &record_key, None);
+            let ctx = self.base_context(m, RowValues::value(row), &patient_key, &record_key, None);
             out.push(self.render_text(m, row, &m.spec.template, &ctx)?);
         } else {
             for w in &m.spec.wide {
@@ -680,7 +677,8 @@ impl MappingSet {
                     ("value", cell_value(value)),
                 ]);
                 let key = format!("{record_key}{KEY_SEPARATOR}{}", w.code);
-                let ctx = self.base_context(m, row_values(row), &patient_key, &key, Some(item));
+                let ctx =
+                    self.base_context(m, RowValues::value(row), &patient_key, &key, Some(item));
                 out.push(self.render_text(m, row, &m.spec.template, &ctx)?);
             }
         }
@@ -688,16 +686,7 @@ impl MappingSet {
     }
 }
 
-fn json_error_kind(e: &serde_json::Error) -> &'static str {
-    match e.classify() {
-        serde_json::error::Category::Eof => "unexpected end of output",
-        serde_json::error::Category::Syntax => "syntax error",
-        serde_json::error::Category::Data => "unexpected data",
-        serde_json::error::Category::Io => "read error",
-    }
-}
-
-fn has_identifier(body: &serde_json::Value, id: &BusinessIdentifier) -> bool {
+fn has_identifier(body: &json_doc::Node<'_>, id: &BusinessIdentifier) -> bool {
     body.get("identifier")
         .and_then(|v| v.as_array())
         .is_some_and(|ids| {
@@ -787,61 +776,6 @@ fn fingerprint(
     h.finalize().into()
 }
 
-/// `row` in a template context.
-fn row_values(row: &Row) -> JValue {
-    JValue::from_object(RowValues {
-        header: row.header.clone(),
-        values: row.values.iter().map(cell_value).collect(),
-    })
-}
-
-/// A row as templates see it (`row.<column>`): the cells in header order, looked up by column
-/// name when a template reads one, so no per-row map is built.
-#[derive(Debug)]
-struct RowValues {
-    header: Arc<crate::source::Header>,
-    values: Vec<JValue>,
-}
-
-impl minijinja::value::Object for RowValues {
-    fn repr(self: &Arc<Self>) -> minijinja::value::ObjectRepr {
-        minijinja::value::ObjectRepr::Map
-    }
-
-    fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
-        let i = self.header.index_of(key.as_str()?)?;
-        self.values.get(i).cloned()
-    }
-
-    fn enumerate(self: &Arc<Self>) -> minijinja::value::Enumerator {
-        minijinja::value::Enumerator::Values(
-            self.header
-                .columns
-                .iter()
-                .map(|c| JValue::from(c.clone()))
-                .collect(),
-        )
-    }
-
-    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
-        Some(self.header.columns.len())
-    }
-}
-
-/// A cell as templates see it: text, numbers, booleans as themselves; decimals as
-/// [`filters::DecimalValue`] (scale kept); dates and date-times as ISO text (naive ones without
-/// an offset, for `dateTime` to place in the source's zone).
-pub fn cell_value(v: &Value) -> JValue {
-    match v {
-        Value::Null => JValue::from(()),
-        Value::Text(s) => JValue::from(s.as_str()),
-        Value::Integer(i) => JValue::from(*i),
-        Value::Decimal(d) => JValue::from_object(filters::DecimalValue(*d)),
-        Value::Boolean(b) => JValue::from(*b),
-        other => JValue::from(other.to_string()),
-    }
-}
-
 /// The shared environment: JSON auto-escaping for `*.json.j2`, strict undefined, a fuel limit,
 /// debug info for caret views, our filters, and no loader (templates are added up front, so a
 /// template can neither read files nor the process environment).
@@ -865,12 +799,12 @@ pub fn new_environment(lookups: Arc<Lookups>) -> Environment<'static> {
     env.add_filter("uuid5", filters::uuid5);
     env.add_filter("required", filters::required);
     let l = lookups.clone();
-    env.add_filter("lookup", move |key: JValue, table: String| {
-        filters::lookup_in(&l, &table, &key)
+    env.add_filter("lookup", move |key: JValue, table: &str| {
+        filters::lookup_in(&l, table, &key)
     });
     let l = lookups.clone();
-    env.add_function("lookup", move |table: String, key: JValue| {
-        filters::lookup_in(&l, &table, &key)
+    env.add_function("lookup", move |table: &str, key: JValue| {
+        filters::lookup_in(&l, table, &key)
     });
     type Lf = fn(&Lookups, JValue, Option<String>) -> Result<JValue, minijinja::Error>;
     let table_filters: [(&'static str, Lf); 6] = [

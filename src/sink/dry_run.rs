@@ -103,11 +103,7 @@ impl DryRunSink {
             self.ndjson.insert(r.resource_type.clone(), w);
         }
         if let Some(w) = self.ndjson.get_mut(&r.resource_type) {
-            let line = serde_json::to_vec(&r.body).map_err(|e| SinkError::Io {
-                path: self.dir.join(&name),
-                source: std::io::Error::other(e),
-            })?;
-            w.write_all(&line)
+            w.write_all(r.body.as_str().as_bytes())
                 .and_then(|_| w.write_all(b"\n"))
                 .map_err(|e| SinkError::Io {
                     path: self.dir.join(&name),
@@ -117,7 +113,7 @@ impl DryRunSink {
         if self.opts.bundles {
             self.bundle_entries.push(serde_json::json!({
                 "fullUrl": full_url,
-                "resource": r.body,
+                "resource": r.body.value(),
                 "request": {"method": "POST", "url": r.resource_type},
             }));
             if self.bundle_entries.len() == BUNDLE_MAX {
@@ -328,7 +324,9 @@ mod tests {
                 system: "urn:x".into(),
                 value: format!("A{n}"),
             },
-            body: serde_json::json!({"resourceType": "Observation", "id": format!("o{n}")}),
+            body: crate::resource::Body::from_value(
+                &serde_json::json!({"resourceType": "Observation", "id": format!("o{n}")}),
+            ),
         }
     }
 

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
 
-use serde_json::{Map, Value};
+use crate::resource::json::{Node as Value, Object as Map};
 
 use super::r4::{Ctx, root_name};
 use super::{CibmtrRules, Issue, PRIORITY_LOINC_CSV, Severity};
@@ -119,11 +119,8 @@ fn check_resource(ctx: &mut Ctx, resource: &Value, rules: &CibmtrRules) {
     }
 }
 
-fn array<'a>(obj: &'a Map<String, Value>, key: &str) -> &'a [Value] {
-    obj.get(key)
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+fn array<'a, 'b>(obj: &'a Map<'b>, key: &str) -> &'a [Value<'b>] {
+    obj.get(key).and_then(Value::as_array).unwrap_or(&[])
 }
 
 fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -131,12 +128,11 @@ fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 /// The center's label `{system: <security_system>, code: rc_<ccn>}` in `meta.security`.
-fn check_security(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) {
+fn check_security(ctx: &mut Ctx, obj: &Map, rules: &CibmtrRules) {
     let labels = obj
         .get("meta")
         .and_then(|m| m.get("security"))
         .and_then(Value::as_array)
-        .map(Vec::as_slice)
         .unwrap_or(&[]);
     let mut found = false;
     for (i, label) in labels.iter().enumerate() {
@@ -184,7 +180,7 @@ fn check_security(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) 
     }
 }
 
-fn check_patient(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) {
+fn check_patient(ctx: &mut Ctx, obj: &Map, rules: &CibmtrRules) {
     let identifiers = array(obj, "identifier");
     let mut crid = false;
     for (i, id) in identifiers.iter().enumerate() {
@@ -268,13 +264,12 @@ fn looks_like_ssn(v: &str) -> bool {
         })
 }
 
-fn check_observation(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) {
+fn check_observation(ctx: &mut Ctx, obj: &Map, rules: &CibmtrRules) {
     // The LOINC coding(s) in `code`.
     let codings = obj
         .get("code")
         .and_then(|c| c.get("coding"))
         .and_then(Value::as_array)
-        .map(Vec::as_slice)
         .unwrap_or(&[]);
     let mut loinc: Option<&str> = None;
     let mut any_loinc = false;
@@ -404,7 +399,7 @@ fn check_observation(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRule
 
 /// `subject` must reference the Patient: `Patient/<id>`, an absolute URL to one, or a
 /// `urn:uuid:` placeholder resolved inside a transaction.
-fn check_subject(ctx: &mut Ctx, obj: &Map<String, Value>) {
+fn check_subject(ctx: &mut Ctx, obj: &Map) {
     let Some(subject) = obj.get("subject") else {
         ctx.error_at("subject", "required: a reference to the Patient");
         return;
@@ -432,7 +427,7 @@ fn check_subject(ctx: &mut Ctx, obj: &Map<String, Value>) {
 }
 
 /// A submission Bundle: a transaction of at most 50 entries, each entry checked as a resource.
-fn check_bundle(ctx: &mut Ctx, obj: &Map<String, Value>, rules: &CibmtrRules) {
+fn check_bundle(ctx: &mut Ctx, obj: &Map, rules: &CibmtrRules) {
     if obj.get("type").and_then(Value::as_str) != Some("transaction") {
         ctx.error_at(
             "type",
@@ -490,7 +485,7 @@ fn check_placeholders(ctx: &mut Ctx, v: &Value, full_urls: &[&str]) {
                 let m = ctx.enter(k);
                 match item {
                     Value::String(r) if k == "reference" => {
-                        if r.starts_with("urn:uuid:") && !full_urls.contains(&r.as_str()) {
+                        if r.starts_with("urn:uuid:") && !full_urls.contains(&&**r) {
                             ctx.error("no entry of the bundle has this urn:uuid as its fullUrl");
                         }
                     }
@@ -516,6 +511,11 @@ mod tests {
     use super::*;
     use crate::validate::{CibmtrRules, validate as validate_all};
     use serde_json::json;
+    use serde_json::{Map, Value};
+
+    fn validate(v: &Value, rules: &CibmtrRules) -> Vec<Issue> {
+        super::validate(&crate::resource::json::Node::from_value(v), rules)
+    }
 
     const SEC: &str = "http://cibmtr.org/codesystem/transplant-center";
     const CRID: &str = "http://cibmtr.org/identifier/CRID";

@@ -44,6 +44,8 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::resource::json::Node;
+
 /// How bad an issue is: errors reject the resource, warnings go to the report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -105,23 +107,28 @@ impl CibmtrRules {
 /// primitive formats and required code bindings. Knows Patient, Observation and Bundle in full;
 /// any other resource type gets the basic checks (known type name, `id`, `meta`, JSON rules).
 pub fn validate_r4(resource: &serde_json::Value) -> Vec<Issue> {
-    r4::validate(resource)
+    r4::validate(&Node::from_value(resource))
 }
 
 /// The CIBMTR rules (security label, CRID identifier, no personal data, LOINC, UCUM, time zones,
 /// CMV reference ranges). Assumes nothing about R4 validity: run [`validate_r4`] too, or
 /// [`validate`]. A transaction Bundle's entries are checked one by one.
 pub fn validate_cibmtr(resource: &serde_json::Value, rules: &CibmtrRules) -> Vec<Issue> {
-    cibmtr::validate(resource, rules)
+    cibmtr::validate(&Node::from_value(resource), rules)
 }
 
 /// Both [`validate_r4`] and [`validate_cibmtr`], R4 issues first. A CIBMTR error on a path that
 /// already has an R4 error is left out: one problem, one message (a dateTime without a zone is
 /// reported once, as an R4 format error).
 pub fn validate(resource: &serde_json::Value, rules: &CibmtrRules) -> Vec<Issue> {
-    let mut issues = validate_r4(resource);
+    validate_node(&Node::from_value(resource), rules)
+}
+
+/// [`validate`] for a parsed tree (what the mapping stage holds).
+pub fn validate_node(resource: &Node<'_>, rules: &CibmtrRules) -> Vec<Issue> {
+    let mut issues = r4::validate(resource);
     let r4_len = issues.len();
-    for issue in validate_cibmtr(resource, rules) {
+    for issue in cibmtr::validate(resource, rules) {
         let duplicate = issue.severity == Severity::Error
             && issues[..r4_len]
                 .iter()

@@ -5,7 +5,7 @@
 //! Checks here look at one value only; they never name the value in a message (values may be
 //! patient data), only what was expected.
 
-use serde_json::Value;
+use crate::resource::json::Node as Value;
 
 /// R4: "strings SHALL NOT exceed 1MB in size".
 const MAX_STRING_BYTES: usize = 1024 * 1024;
@@ -52,7 +52,7 @@ impl Primitive {
                 let Value::Number(n) = v else {
                     return Err("must be a JSON number without fraction or exponent");
                 };
-                let Some(i) = n.as_i64() else {
+                let Some(i) = n.parse::<i64>().ok() else {
                     return Err("must be a whole number within the 32-bit range");
                 };
                 if i32::try_from(i).is_err() {
@@ -385,6 +385,15 @@ fn time_with_zone(b: &[u8]) -> bool {
 #[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
+    use crate::resource::json::Node;
+    use serde_json::Value;
+
+    /// A tree of a `json!` literal, for `Primitive::check`.
+    macro_rules! node {
+        ($($t:tt)*) => {
+            Node::from_value(&json!($($t)*))
+        };
+    }
     use serde_json::json;
 
     #[test]
@@ -519,33 +528,33 @@ mod tests {
 
     #[test]
     fn json_shapes() {
-        assert!(Primitive::Boolean.check(&json!(true)).is_ok());
-        assert!(Primitive::Boolean.check(&json!("true")).is_err());
-        assert!(Primitive::Decimal.check(&json!(1.50)).is_ok());
-        assert!(Primitive::Decimal.check(&json!("1.5")).is_err());
-        assert!(Primitive::Integer.check(&json!(-3)).is_ok());
-        assert!(Primitive::Integer.check(&json!(1.5)).is_err());
-        assert!(Primitive::Integer.check(&json!(3_000_000_000i64)).is_err());
-        assert!(Primitive::PositiveInt.check(&json!(0)).is_err());
-        assert!(Primitive::PositiveInt.check(&json!(1)).is_ok());
-        assert!(Primitive::UnsignedInt.check(&json!(0)).is_ok());
-        assert!(Primitive::UnsignedInt.check(&json!(-1)).is_err());
-        assert!(Primitive::Date.check(&json!(20240101)).is_err());
-        assert!(Primitive::String.check(&json!("")).is_err());
+        assert!(Primitive::Boolean.check(&node!(true)).is_ok());
+        assert!(Primitive::Boolean.check(&node!("true")).is_err());
+        assert!(Primitive::Decimal.check(&node!(1.50)).is_ok());
+        assert!(Primitive::Decimal.check(&node!("1.5")).is_err());
+        assert!(Primitive::Integer.check(&node!(-3)).is_ok());
+        assert!(Primitive::Integer.check(&node!(1.5)).is_err());
+        assert!(Primitive::Integer.check(&node!(3_000_000_000i64)).is_err());
+        assert!(Primitive::PositiveInt.check(&node!(0)).is_err());
+        assert!(Primitive::PositiveInt.check(&node!(1)).is_ok());
+        assert!(Primitive::UnsignedInt.check(&node!(0)).is_ok());
+        assert!(Primitive::UnsignedInt.check(&node!(-1)).is_err());
+        assert!(Primitive::Date.check(&node!(20240101)).is_err());
+        assert!(Primitive::String.check(&node!("")).is_err());
         assert!(
             Primitive::String
-                .check(&json!("x".repeat(MAX_STRING_BYTES)))
+                .check(&node!("x".repeat(MAX_STRING_BYTES)))
                 .is_ok()
         );
         assert!(
             Primitive::Markdown
-                .check(&json!("x".repeat(MAX_STRING_BYTES + 1)))
+                .check(&node!("x".repeat(MAX_STRING_BYTES + 1)))
                 .is_err()
         );
         // Literal precision is kept (serde_json's arbitrary_precision) and still a decimal.
         let v: Value = serde_json::from_str("1.000000000000000000001").unwrap();
-        assert!(Primitive::Decimal.check(&v).is_ok());
+        assert!(Primitive::Decimal.check(&Node::from_value(&v)).is_ok());
         let v: Value = serde_json::from_str("2.0").unwrap();
-        assert!(Primitive::Integer.check(&v).is_err());
+        assert!(Primitive::Integer.check(&Node::from_value(&v)).is_err());
     }
 }

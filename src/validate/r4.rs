@@ -27,7 +27,7 @@
 //! used complex datatypes (Signature, Dosage, the metadata types) are checked only by the JSON
 //! rules; Timing's invariants are not checked.
 
-use serde_json::{Map, Value};
+use crate::resource::json::{Node as Value, Object as Map};
 
 use super::primitives::{self, Primitive as P};
 use super::{Issue, Severity};
@@ -112,7 +112,7 @@ enum Base {
     Domain,
 }
 
-type Rule = fn(&Map<String, Value>, &mut Ctx);
+type Rule = fn(&Map, &mut Ctx);
 
 struct Complex {
     name: &'static str,
@@ -946,7 +946,7 @@ pub(super) fn validate(resource: &Value) -> Vec<Issue> {
 }
 
 /// The path root for a resource: its type if it is a known R4 type, else `Resource`.
-pub(super) fn root_name(resource: &Value) -> &str {
+pub(super) fn root_name<'a>(resource: &'a Value<'_>) -> &'a str {
     match resource.get("resourceType").and_then(Value::as_str) {
         Some(t) if is_resource_type(t) => t,
         _ => "Resource",
@@ -967,7 +967,7 @@ fn check_resource(ctx: &mut Ctx, v: &Value, nesting: Nesting) {
         return;
     };
     let rt = match obj.get("resourceType") {
-        Some(Value::String(t)) => t.as_str(),
+        Some(Value::String(t)) => &**t,
         Some(_) => {
             ctx.error_at(
                 "resourceType",
@@ -1012,7 +1012,7 @@ fn check_resource(ctx: &mut Ctx, v: &Value, nesting: Nesting) {
 
 /// Resource types not described in full: the inherited elements are checked, the rest only by
 /// the JSON rules.
-fn check_other_resource(ctx: &mut Ctx, obj: &Map<String, Value>, rt: &str) {
+fn check_other_resource(ctx: &mut Ctx, obj: &Map, rt: &str) {
     let base = match rt {
         "Binary" | "Parameters" => Base::Resource,
         _ => Base::Domain,
@@ -1047,7 +1047,7 @@ fn check_complex(ctx: &mut Ctx, v: &Value, c: &Complex) {
     }
 }
 
-fn check_object(ctx: &mut Ctx, obj: &Map<String, Value>, c: &Complex) {
+fn check_object(ctx: &mut Ctx, obj: &Map, c: &Complex) {
     let is_resource = matches!(c.base, Base::Resource | Base::Domain);
     // ele-1 (an element has a value or children); a resource with only its type is valid R4.
     if obj.is_empty() {
@@ -1079,7 +1079,7 @@ fn check_object(ctx: &mut Ctx, obj: &Map<String, Value>, c: &Complex) {
                     format!("only one {group}[x] is allowed, and {other} is also present"),
                 );
             } else if n_seen < seen.len() {
-                seen[n_seen] = (group, k.as_str());
+                seen[n_seen] = (group, k);
                 n_seen += 1;
             }
         }
@@ -1105,7 +1105,7 @@ fn check_object(ctx: &mut Ctx, obj: &Map<String, Value>, c: &Complex) {
     }
 }
 
-fn check_elem(ctx: &mut Ctx, key: &str, v: &Value, el: &Elem, parent: &Map<String, Value>) {
+fn check_elem(ctx: &mut Ctx, key: &str, v: &Value, el: &Elem, parent: &Map) {
     let mark = ctx.enter(key);
     if el.many {
         match v {
@@ -1114,10 +1114,7 @@ fn check_elem(ctx: &mut Ctx, key: &str, v: &Value, el: &Elem, parent: &Map<Strin
                 // A null in a primitive array is allowed only where `_name` carries the
                 // extension for that position.
                 let ext = match el.ty {
-                    Ty::P(_) => parent
-                        .get(&format!("_{key}"))
-                        .and_then(Value::as_array)
-                        .map(Vec::as_slice),
+                    Ty::P(_) => parent.get(&format!("_{key}")).and_then(Value::as_array),
                     _ => None,
                 };
                 for (i, item) in items.iter().enumerate() {
@@ -1228,7 +1225,7 @@ fn check_json(ctx: &mut Ctx, v: &Value) {
 // Invariants.
 
 /// ext-1: an extension has either nested extensions or a value, not both and not neither.
-fn rule_ext_1(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_ext_1(obj: &Map, ctx: &mut Ctx) {
     let has_value = obj.keys().any(|k| k.starts_with("value"));
     let has_ext = obj.contains_key("extension");
     if has_value && has_ext {
@@ -1239,7 +1236,7 @@ fn rule_ext_1(obj: &Map<String, Value>, ctx: &mut Ctx) {
 }
 
 /// per-1: start must not be after end (compared when both carry a full date).
-fn rule_per_1(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_per_1(obj: &Map, ctx: &mut Ctx) {
     let (Some(start), Some(end)) = (
         obj.get("start").and_then(Value::as_str),
         obj.get("end").and_then(Value::as_str),
@@ -1261,7 +1258,7 @@ fn rule_per_1(obj: &Map<String, Value>, ctx: &mut Ctx) {
 }
 
 /// qty-3: a code needs a system.
-fn rule_qty_3(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_qty_3(obj: &Map, ctx: &mut Ctx) {
     if obj.contains_key("code") && !obj.contains_key("system") {
         ctx.error_at(
             "system",
@@ -1271,7 +1268,7 @@ fn rule_qty_3(obj: &Map<String, Value>, ctx: &mut Ctx) {
 }
 
 /// rng-2: low must not be above high.
-fn rule_rng_2(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_rng_2(obj: &Map, ctx: &mut Ctx) {
     let value = |k: &str| {
         obj.get(k)
             .and_then(|q| q.get("value"))
@@ -1285,7 +1282,7 @@ fn rule_rng_2(obj: &Map<String, Value>, ctx: &mut Ctx) {
 }
 
 /// cpt-2: a contact point with a system has a value.
-fn rule_cpt_2(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_cpt_2(obj: &Map, ctx: &mut Ctx) {
     if obj.contains_key("system") && !obj.contains_key("value") {
         ctx.error_at(
             "value",
@@ -1295,7 +1292,7 @@ fn rule_cpt_2(obj: &Map<String, Value>, ctx: &mut Ctx) {
 }
 
 /// att-1: inline data needs a content type.
-fn rule_att_1(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_att_1(obj: &Map, ctx: &mut Ctx) {
     if obj.contains_key("data") && !obj.contains_key("contentType") {
         ctx.error_at(
             "contentType",
@@ -1305,30 +1302,30 @@ fn rule_att_1(obj: &Map<String, Value>, ctx: &mut Ctx) {
 }
 
 /// pat-1: a contact has details or an organization.
-fn rule_pat_1(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_pat_1(obj: &Map, ctx: &mut Ctx) {
     if !["name", "telecom", "address", "organization"]
         .iter()
-        .any(|k| obj.contains_key(*k))
+        .any(|k| obj.contains_key(k))
     {
         ctx.error("a contact needs a name, telecom, address or organization (pat-1)");
     }
 }
 
 /// obs-3: a reference range has at least a low, a high or a text.
-fn rule_obs_3(obj: &Map<String, Value>, ctx: &mut Ctx) {
-    if !["low", "high", "text"].iter().any(|k| obj.contains_key(*k)) {
+fn rule_obs_3(obj: &Map, ctx: &mut Ctx) {
+    if !["low", "high", "text"].iter().any(|k| obj.contains_key(k)) {
         ctx.error("a reference range needs a low, a high or a text (obs-3)");
     }
 }
 
-fn has_value(obj: &Map<String, Value>) -> bool {
+fn has_value(obj: &Map) -> bool {
     obj.keys()
         .any(|k| k.starts_with("value") && k.len() > "value".len())
 }
 
 /// obs-6: dataAbsentReason only without a value; obs-7: a component with the observation's own
 /// code means the observation itself carries no value.
-fn rule_obs_6_7(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_obs_6_7(obj: &Map, ctx: &mut Ctx) {
     let value = has_value(obj);
     if value && obj.contains_key("dataAbsentReason") {
         ctx.error_at(
@@ -1374,7 +1371,7 @@ fn rule_obs_6_7(obj: &Map<String, Value>, ctx: &mut Ctx) {
 
 /// The Bundle invariants bdl-1, 2, 3, 4, 5, 7 and 8 (the document and message ones do not apply
 /// to what fhirlift sends).
-fn rule_bundle(obj: &Map<String, Value>, ctx: &mut Ctx) {
+fn rule_bundle(obj: &Map, ctx: &mut Ctx) {
     let ty = obj.get("type").and_then(Value::as_str).unwrap_or("");
     if obj.contains_key("total") && !matches!(ty, "searchset" | "history") {
         ctx.error_at(
@@ -1414,7 +1411,7 @@ fn rule_bundle(obj: &Map<String, Value>, ctx: &mut Ctx) {
         }
         if !["resource", "request", "response"]
             .iter()
-            .any(|k| entry.contains_key(*k))
+            .any(|k| entry.contains_key(k))
         {
             ctx.error("an entry needs a resource, a request or a response (bdl-5)");
         }
@@ -1455,6 +1452,11 @@ fn rule_bundle(obj: &Map<String, Value>, ctx: &mut Ctx) {
 mod tests {
     use super::*;
     use serde_json::json;
+    use serde_json::{Map, Value};
+
+    fn validate(v: &Value) -> Vec<Issue> {
+        super::validate(&crate::resource::json::Node::from_value(v))
+    }
 
     fn paths(v: &Value) -> Vec<String> {
         validate(v).into_iter().map(|i| i.path).collect()

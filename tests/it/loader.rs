@@ -237,7 +237,7 @@ fn with_a_ledger_a_repeat_sends_nothing_and_a_change_is_an_update() {
     );
     let before = sb.stats();
 
-    o[0].body["status"] = json!("amended");
+    o[0].body.edit(|b| b["status"] = json!("amended"));
     let (again, summary) = load(config_for(&sb), Some(hook), p, o).unwrap();
     assert_eq!(
         statuses(&again),
@@ -330,8 +330,10 @@ fn one_bad_resource_never_blocks_its_bundle() {
     let sb = start(SandboxConfig::default());
     let (p, mut o) = synthetic::generate(2, 10, CCN, &FhirUris::default());
     // No LOINC code: the server refuses it (and with it the whole transaction).
-    o[3].body["code"] = json!({"text": "no coding"});
-    o[3].body.as_object_mut().unwrap().remove("status");
+    o[3].body.edit(|b| {
+        b["code"] = json!({"text": "no coding"});
+        b.as_object_mut().unwrap().remove("status");
+    });
     let mut c = config_for(&sb);
     c.bundle_size = 10;
     let (out, summary) = load(c, None, p, o.clone()).unwrap();
@@ -651,7 +653,9 @@ fn new_patients_travel_in_bundles_with_their_resources_and_a_bad_one_is_isolated
     // single way, and only the bad row is rejected.
     let sb = start(SandboxConfig::default());
     let (p, _) = synthetic::generate(6, 4, CCN, &FhirUris::default());
-    o[5].body.as_object_mut().unwrap().remove("status");
+    o[5].body.edit(|b| {
+        b.as_object_mut().unwrap().remove("status");
+    });
     let base = url::Url::parse(&sb.base_url()).unwrap();
     c.endpoints = Endpoints::cibmtr(
         TargetKind::Custom,

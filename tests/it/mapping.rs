@@ -349,6 +349,45 @@ fn template_errors_show_name_line_and_caret_and_never_reach_the_output() {
 }
 
 #[test]
+fn output_that_is_not_json_names_the_template_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tdir = dir.path().join("templates/t");
+    std::fs::create_dir_all(&tdir).expect("mkdir");
+    // A comma after the last member: the row is rejected, with where the output breaks.
+    std::fs::write(
+        tdir.join("comma.json.j2"),
+        "{\n  \"resourceType\": \"Observation\",\n  \"status\": {{ row.lab_id }},\n}\n",
+    )
+    .expect("template");
+    let mdir = dir.path().join("mappings");
+    std::fs::create_dir_all(&mdir).expect("mkdir");
+    std::fs::write(
+        mdir.join("comma.toml"),
+        "name = \"comma\"\nsource = \"labs\"\nkind = \"resource\"\nresource_type = \"Observation\"\ntemplate = \"t/comma.json.j2\"\npatient_key = [\"mrn\"]\nrecord_key = [\"lab_id\"]\nidentifier_system = \"urn:x:lab\"\n",
+    )
+    .expect("mapping");
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        "mappings = [\"mappings/comma.toml\"]\n[center]\nccn = \"12001\"\n[sources.labs]\npath = \"labs.csv\"\n",
+    )
+    .expect("config");
+    std::fs::write(dir.path().join("labs.csv"), LABS).expect("labs");
+    let out = dir.path().join("out");
+    let o = dry_run(&config, &out, "1");
+    assert_eq!(o.status.code(), Some(1));
+    let rejects = read(&out.join("rejects.csv"));
+    let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
+    let first = rdr.records().next().expect("a reject").expect("csv");
+    assert_eq!(
+        &first[3],
+        "template t/comma.json.j2 rendered invalid JSON: syntax error (expected a member name) at line 4 column 1"
+    );
+    // The rendered value (a record key) is not quoted in the reason.
+    assert!(!first[3].contains("A000"));
+}
+
+#[test]
 fn config_and_template_problems_exit_2_and_name_every_problem() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mdir = dir.path().join("mappings");

@@ -902,11 +902,14 @@ async fn load_patient(shared: Arc<Shared>, job: PatientJob, second_wave: bool) -
             let items = job
                 .resources
                 .into_iter()
-                .map(|(index, resource)| Item {
-                    index,
-                    hash: content_hash(&resource.body),
-                    body: resource.body.clone(),
-                    resource,
+                .map(|(index, resource)| {
+                    let body = resource.body.value();
+                    Item {
+                        index,
+                        hash: content_hash(&body),
+                        body,
+                        resource,
+                    }
                 })
                 .collect();
             let group = Group {
@@ -943,8 +946,8 @@ async fn load_patient(shared: Arc<Shared>, job: PatientJob, second_wave: bool) -
         .resources
         .into_iter()
         .map(|(index, resource)| {
-            let hash = content_hash(&resource.body);
-            let mut body = resource.body.clone();
+            let mut body = resource.body.value();
+            let hash = content_hash(&body);
             fhir::replace_reference(&mut body, &placeholder, &reference);
             Item {
                 index,
@@ -1059,7 +1062,7 @@ async fn patient_step(
     {
         return Ok((None, PatientReady::Postponed));
     }
-    let mut body = r.body.clone();
+    let mut body = r.body.value();
     let query = match &crid {
         Some(c) => {
             fhir::set_identifier(&mut body, &shared.uris.crid_system, c);

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 
 use crate::config::FhirUris;
-use crate::resource::{BusinessIdentifier, MappedPatient, MappedResource, patient_placeholder};
+use crate::resource::{
+    Body, BusinessIdentifier, MappedPatient, MappedResource, patient_placeholder,
+};
 use crate::source::RowLocation;
 
 /// The identifier system of synthetic patients' record keys.
@@ -75,7 +77,7 @@ pub fn generate(
                     system: PATIENT_SYSTEM.into(),
                     value: key.clone(),
                 },
-                body,
+                body: Body::from_value(&body),
             },
             crid_demographics: Some(demo),
             known_crid: None,
@@ -109,7 +111,7 @@ pub fn generate(
                     system: OBSERVATION_SYSTEM.into(),
                     value: id,
                 },
-                body,
+                body: Body::from_value(&body),
             });
         }
     }
@@ -136,7 +138,7 @@ mod tests {
         assert_eq!(generate(3, 5, "12001", &uris), (p.clone(), o.clone()));
         let rules = CibmtrRules::new("12001", &uris.security_system, &uris.crid_system);
         for r in p.iter().map(|p| &p.resource).chain(o.iter()) {
-            let issues = validate(&r.body, &rules);
+            let issues = validate(&r.body.value(), &rules);
             let errs: Vec<_> = errors(&issues).collect();
             assert!(errs.is_empty(), "{}: {errs:?}", r.location);
         }

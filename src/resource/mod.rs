@@ -9,6 +9,10 @@
 //! - A Patient's CRID identifier (system = the configured CRID system) carries
 //!   [`CRID_PENDING`] until the CRID step fills in the real value; the loader sets it by system.
 
+pub mod json;
+
+use std::sync::Arc;
+
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -51,7 +55,61 @@ pub struct MappedResource {
     pub patient_key: String,
     /// The stable business identifier (for a Patient: the record key under the mapping's system).
     pub identifier: BusinessIdentifier,
-    pub body: serde_json::Value,
+    pub body: Body,
+}
+
+/// A validated resource body, as the compact JSON a sink writes or sends.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Body(Arc<str>);
+
+impl Body {
+    /// The body of a tree (nulls already stripped, validated).
+    pub fn from_node(node: &json::Node<'_>) -> Body {
+        let mut text = String::with_capacity(1024);
+        json::write_compact(&mut text, node);
+        Body(text.into())
+    }
+
+    /// The body of a `serde_json` value.
+    pub fn from_value(value: &serde_json::Value) -> Body {
+        Body::from_node(&json::Node::from_value(value))
+    }
+
+    /// The compact JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The body as a tree borrowing from the text.
+    pub fn node(&self) -> json::Node<'_> {
+        // The text was written from a tree, so it always parses.
+        json::parse(&self.0).unwrap_or(json::Node::Null)
+    }
+
+    /// Changes the body through its `serde_json` value (tests and tools that make a resource
+    /// differ from what the mapping stage wrote).
+    pub fn edit(&mut self, f: impl FnOnce(&mut serde_json::Value)) {
+        let mut v = self.value();
+        f(&mut v);
+        *self = Body::from_value(&v);
+    }
+
+    /// The body as a `serde_json` value, for a sink that edits it before sending.
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(s)
+    }
 }
 
 /// A patient: its Patient resource plus what the CRID step needs.
