@@ -159,33 +159,17 @@ fn time_zone(name: &str) -> Option<chrono_tz::Tz> {
 /// are any. Whole seconds, the common case, are written without chrono's formatter.
 fn format_offset(dt: &DateTime<chrono::FixedOffset>) -> String {
     use chrono::{Datelike, Timelike};
-    let year = dt.year();
-    if dt.nanosecond() != 0 || !(0..=9999).contains(&year) {
+    if dt.nanosecond() != 0 || !(0..=9999).contains(&dt.year()) {
         return dt.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
     }
     let offset = dt.offset().local_minus_utc();
-    let (sign, offset) = if offset < 0 {
-        ('-', -offset)
-    } else {
-        ('+', offset)
-    };
     let mut out = String::with_capacity(25);
-    let mut two = |n: u32, sep: char| {
-        out.push(char::from(b'0' + (n / 10 % 10) as u8));
-        out.push(char::from(b'0' + (n % 10) as u8));
-        if sep != '\0' {
-            out.push(sep);
-        }
-    };
-    two(year as u32 / 100, '\0');
-    two(year as u32 % 100, '-');
-    two(dt.month(), '-');
-    two(dt.day(), 'T');
-    two(dt.hour(), ':');
-    two(dt.minute(), ':');
-    two(dt.second(), sign);
-    two(offset as u32 / 3600, ':');
-    two(offset as u32 / 60 % 60, '\0');
+    crate::source::row::push_iso_seconds(&mut out, &dt.naive_local());
+    out.push(if offset < 0 { '-' } else { '+' });
+    let offset = offset.unsigned_abs();
+    crate::source::row::push_two_digits(&mut out, offset / 3600);
+    out.push(':');
+    crate::source::row::push_two_digits(&mut out, offset / 60 % 60);
     out
 }
 

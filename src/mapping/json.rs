@@ -76,7 +76,7 @@ fn write_failed(_: std::fmt::Error) -> Error {
 /// Writes a template value as JSON.
 pub fn write_json<W: Write>(out: &mut W, value: &Value) -> Result<(), Error> {
     if let Some(d) = value.downcast_object_ref::<DecimalValue>() {
-        return write!(out, "{}", d.0).map_err(write_failed);
+        return write_decimal(out, &d.0).map_err(write_failed);
     }
     if let Some(map) = value.downcast_object_ref::<JsonMap>() {
         out.write_char('{').map_err(write_failed)?;
@@ -160,27 +160,70 @@ pub fn escape_str<W: Write>(out: &mut W, s: &str) -> std::fmt::Result {
     out.write_char('"')?;
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        // Every byte matched above is ASCII, so `start..i` falls on character boundaries.
+    while let Some(n) = crate::resource::json::next_special(&bytes[start..]) {
+        let i = start + n;
+        // Every special byte is ASCII, so `start..i` falls on character boundaries.
         out.write_str(&s[start..i])?;
-        if escape.is_empty() {
-            write!(out, "\\u{b:04x}")?;
-        } else {
-            out.write_str(escape)?;
+        match bytes[i] {
+            b'"' => out.write_str("\\\"")?,
+            b'\\' => out.write_str("\\\\")?,
+            b'\n' => out.write_str("\\n")?,
+            b'\r' => out.write_str("\\r")?,
+            b'\t' => out.write_str("\\t")?,
+            b => write!(out, "\\u{b:04x}")?,
         }
         start = i + 1;
     }
     out.write_str(&s[start..])?;
     out.write_char('"')
+}
+
+/// A decimal as a JSON number with its scale (`12.50`), as `Decimal`'s `Display` writes it,
+/// from its mantissa without the formatting machinery.
+pub fn write_decimal<W: Write>(out: &mut W, d: &rust_decimal::Decimal) -> std::fmt::Result {
+    let mantissa = d.mantissa();
+    if mantissa == 0 {
+        // Signed zeros and zeros with a scale keep Display's exact layout.
+        return write!(out, "{d}");
+    }
+    let scale = d.scale() as usize;
+    // 96-bit mantissa: at most 29 digits; with "-0." and up to 28 zeros, 64 bytes are enough.
+    let mut digits = [0u8; 40];
+    let mut n = mantissa.unsigned_abs();
+    let mut len = 0;
+    while n > 0 {
+        digits[len] = b'0' + (n % 10) as u8;
+        n /= 10;
+        len += 1;
+    }
+    let mut buf = [0u8; 80];
+    let mut at = 0;
+    let mut put = |b: u8| {
+        buf[at] = b;
+        at += 1;
+    };
+    if mantissa < 0 {
+        put(b'-');
+    }
+    if scale >= len {
+        put(b'0');
+        put(b'.');
+        for _ in 0..scale - len {
+            put(b'0');
+        }
+        for i in (0..len).rev() {
+            put(digits[i]);
+        }
+    } else {
+        for i in (0..len).rev() {
+            if i + 1 == scale {
+                put(b'.');
+            }
+            put(digits[i]);
+        }
+    }
+    // Only ASCII digits, '-' and '.' were written.
+    out.write_str(std::str::from_utf8(&buf[..at]).map_err(|_| std::fmt::Error)?)
 }
 
 #[cfg(test)]
@@ -207,6 +250,41 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
         assert_eq!(v["a"], "O\"Brien \\ \n");
         assert_eq!(v["b"], serde_json::json!([1, 2]));
+    }
+
+    #[test]
+    fn decimals_are_written_as_display_writes_them() {
+        for text in [
+            "12.50",
+            "-12.50",
+            "0.05",
+            "-0.0005",
+            "7",
+            "-7",
+            "100",
+            "1.000",
+            "0.1",
+            "0",
+            "0.00",
+            "79228162514264337593543950335",
+            "-7.9228162514264337593543950335",
+            "0.0000000000000000000000000001",
+        ] {
+            let d = rust_decimal::Decimal::from_str(text).expect(text);
+            let mut out = String::new();
+            write_decimal(&mut out, &d).expect("write");
+            assert_eq!(out, d.to_string(), "{text}");
+            assert_eq!(out, text);
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_for_json() {
+        let mut out = String::new();
+        escape_str(&mut out, "a\"b\\c\nd\re\tf\u{1}g é").expect("write");
+        assert_eq!(out, r#""a\"b\\c\nd\re\tf\u0001g é""#);
+        let back: String = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(back, "a\"b\\c\nd\re\tf\u{1}g é");
     }
 
     #[test]

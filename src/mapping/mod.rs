@@ -505,7 +505,7 @@ impl MappingSet {
                 ("system", m.identifier_system.clone()),
                 ("value", JValue::from(identifier_value)),
             ]),
-            patient_ref: JValue::from(crate::resource::patient_placeholder(patient_key)),
+            patient_ref: placeholder_value(patient_key),
             center: self.center.clone(),
             mapping: m.name_value.clone(),
             timezone: m.timezone_value.clone(),
@@ -695,6 +695,27 @@ fn has_identifier(body: &json_doc::Node<'_>, id: &BusinessIdentifier) -> bool {
                     && i.get("value").and_then(|s| s.as_str()) == Some(id.value.as_str())
             })
         })
+}
+
+/// [`crate::resource::patient_placeholder`] as a template value. A patient's rows are many, so
+/// each worker thread keeps the placeholders it made (a bounded number, then it starts over).
+fn placeholder_value(patient_key: &str) -> JValue {
+    const KEEP: usize = 16_384;
+    thread_local! {
+        static MADE: std::cell::RefCell<HashMap<String, JValue>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    MADE.with_borrow_mut(|made| {
+        if let Some(v) = made.get(patient_key) {
+            return v.clone();
+        }
+        if made.len() >= KEEP {
+            made.clear();
+        }
+        let v = JValue::from(crate::resource::patient_placeholder(patient_key));
+        made.insert(patient_key.to_string(), v.clone());
+        v
+    })
 }
 
 /// A key from its column(s): values joined with [`KEY_SEPARATOR`]; any empty part is an error.

@@ -183,7 +183,7 @@ static SPECIAL: [bool; 256] = {
 };
 
 /// Where the next special byte of `bytes` is, if any.
-fn next_special(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn next_special(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|&b| SPECIAL[usize::from(b)])
 }
 

@@ -108,14 +108,37 @@ pub fn format_naive_datetime(dt: &NaiveDateTime) -> String {
     if !(0..=9999).contains(&year) || nanos != 0 {
         return dt.format("%Y-%m-%dT%H:%M:%S%.f").to_string();
     }
-    format!(
-        "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        dt.month(),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second()
-    )
+    let mut out = String::with_capacity(25);
+    push_iso_seconds(&mut out, dt);
+    out
+}
+
+/// Appends `YYYY-MM-DDTHH:MM:SS` (the fraction of a second left out). The year must be within
+/// 0..=9999.
+pub(crate) fn push_iso_seconds(out: &mut String, dt: &NaiveDateTime) {
+    use chrono::{Datelike, Timelike};
+    let year = dt.year().clamp(0, 9999) as u32;
+    let parts = [
+        (year / 100, None),
+        (year % 100, Some('-')),
+        (dt.month(), Some('-')),
+        (dt.day(), Some('T')),
+        (dt.hour(), Some(':')),
+        (dt.minute(), Some(':')),
+        (dt.second(), None),
+    ];
+    for (n, sep) in parts {
+        push_two_digits(out, n);
+        if let Some(c) = sep {
+            out.push(c);
+        }
+    }
+}
+
+/// Appends `n % 100` as two digits.
+pub(crate) fn push_two_digits(out: &mut String, n: u32) {
+    out.push(char::from(b'0' + (n / 10 % 10) as u8));
+    out.push(char::from(b'0' + (n % 10) as u8));
 }
 
 /// Decimals become JSON numbers with their written scale (serde_json's `arbitrary_precision`).
