@@ -283,7 +283,7 @@ fn map_item(
     let hashes = match &mapped.mapped {
         Mapped::Resources(rs) => rs
             .iter()
-            .map(|r| crate::ledger::content_hash(&r.body.value()))
+            .map(|r| crate::ledger::content_hash_node(&r.body.node()))
             .collect(),
         Mapped::Patient(_) => Vec::new(),
     };

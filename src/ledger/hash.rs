@@ -10,6 +10,8 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::resource::json::{Node, Object};
+
 /// The hash of a resource body as the loader submits it, with the server-dependent parts left out
 /// so that the hash depends only on what the source and the mapping produced:
 ///
@@ -22,20 +24,25 @@ use sha2::{Digest, Sha256};
 /// placeholder is derived from the patient key, so a resource that moves to another patient gets
 /// a new hash, while a patient's server id never enters it.
 pub fn content_hash(body: &Value) -> String {
+    content_hash_node(&Node::from_value(body))
+}
+
+/// [`content_hash`] of a parsed tree (what the mapping stage holds).
+pub fn content_hash_node(body: &Node<'_>) -> String {
     let mut h = HashWriter(Sha256::new());
     match body {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().filter(|k| k.as_str() != "id").collect();
-            keys.sort();
+        Node::Object(map) => {
+            let mut keys: Vec<(&str, &Node<'_>)> = map.iter().filter(|(k, _)| *k != "id").collect();
+            keys.sort_by(|a, b| a.0.cmp(b.0));
             h.put(b"{");
-            for (i, k) in keys.into_iter().enumerate() {
+            for (i, (k, v)) in keys.into_iter().enumerate() {
                 if i > 0 {
                     h.put(b",");
                 }
                 write_string(&mut h, k);
                 h.put(b":");
-                match (k.as_str(), &map[k]) {
-                    ("meta", Value::Object(meta)) => {
+                match (k, v) {
+                    ("meta", Node::Object(meta)) => {
                         write_object(&mut h, meta, &["versionId", "lastUpdated", "source"])
                     }
                     (_, v) => write_canonical(&mut h, v),
@@ -58,7 +65,7 @@ pub fn demographics_hash(crid_request_body: &Value) -> String {
 /// The hash of any JSON value in canonical form (no field left out).
 pub fn canonical_hash(value: &Value) -> String {
     let mut h = HashWriter(Sha256::new());
-    write_canonical(&mut h, value);
+    write_canonical(&mut h, &Node::from_value(value));
     h.finish()
 }
 
@@ -66,7 +73,7 @@ pub fn canonical_hash(value: &Value) -> String {
 /// explaining a hash difference; never log it for patient data.
 pub fn canonical_json(value: &Value) -> String {
     let mut out = Vec::new();
-    write_canonical(&mut out, value);
+    write_canonical(&mut out, &Node::from_value(value));
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -114,14 +121,14 @@ impl Sinkish for HashWriter {
     }
 }
 
-fn write_canonical(out: &mut impl Sinkish, v: &Value) {
+fn write_canonical(out: &mut impl Sinkish, v: &Node<'_>) {
     match v {
-        Value::Null => out.put(b"null"),
-        Value::Bool(true) => out.put(b"true"),
-        Value::Bool(false) => out.put(b"false"),
-        Value::Number(n) => out.put(n.to_string().as_bytes()),
-        Value::String(s) => write_string(out, s),
-        Value::Array(items) => {
+        Node::Null => out.put(b"null"),
+        Node::Bool(true) => out.put(b"true"),
+        Node::Bool(false) => out.put(b"false"),
+        Node::Number(n) => out.put(n.as_bytes()),
+        Node::String(s) => write_string(out, s),
+        Node::Array(items) => {
             out.put(b"[");
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
@@ -131,28 +138,31 @@ fn write_canonical(out: &mut impl Sinkish, v: &Value) {
             }
             out.put(b"]");
         }
-        Value::Object(map) => write_object(out, map, &[]),
+        Node::Object(map) => write_object(out, map, &[]),
     }
 }
 
-fn write_object(out: &mut impl Sinkish, map: &serde_json::Map<String, Value>, skip: &[&str]) {
-    let mut keys: Vec<&String> = map.keys().filter(|k| !skip.contains(&k.as_str())).collect();
-    keys.sort();
+fn write_object(out: &mut impl Sinkish, map: &Object<'_>, skip: &[&str]) {
+    let mut members: Vec<(&str, &Node<'_>)> =
+        map.iter().filter(|(k, _)| !skip.contains(k)).collect();
+    members.sort_by(|a, b| a.0.cmp(b.0));
     out.put(b"{");
-    for (i, k) in keys.into_iter().enumerate() {
+    for (i, (k, v)) in members.into_iter().enumerate() {
         if i > 0 {
             out.put(b",");
         }
         write_string(out, k);
         out.put(b":");
-        write_canonical(out, &map[k]);
+        write_canonical(out, v);
     }
     out.put(b"}");
 }
 
+/// A string literal escaped as serde_json escapes it.
 fn write_string(out: &mut impl Sinkish, s: &str) {
-    // serde_json's string escaping is deterministic and cannot fail for a `str`.
-    out.put(serde_json::to_string(s).unwrap_or_default().as_bytes());
+    let mut text = String::with_capacity(s.len() + 2);
+    crate::resource::json::write_compact(&mut text, &Node::String(s.into()));
+    out.put(text.as_bytes());
 }
 
 #[cfg(test)]
@@ -214,6 +224,21 @@ mod tests {
         assert_eq!(demographics_hash(&a), demographics_hash(&b));
         assert_ne!(demographics_hash(&a), demographics_hash(&c));
         assert_eq!(demographics_hash(&a).len(), 64);
+    }
+
+    #[test]
+    fn the_hashed_text_is_stable_across_releases() {
+        // Ledgers keep these hashes between runs: the canonical text must never change.
+        let body: Value = serde_json::from_str(
+            r#"{"resourceType":"Observation","id":"9","meta":{"versionId":"2","security":[{"code":"rc_12001"}]},
+                "valueQuantity":{"value":12.50,"unit":"g/dL"},"note":[{"text":"a\"b\\c\u0001/é"}],"n":1E3}"#,
+        )
+        .unwrap();
+        let text = r#"{"meta":{"security":[{"code":"rc_12001"}]},"n":1e+3,"note":[{"text":"a\"b\\c\u0001/é"}],"resourceType":"Observation","valueQuantity":{"unit":"g/dL","value":12.50}}"#;
+        assert_eq!(
+            content_hash(&body),
+            hex::encode(Sha256::digest(text.as_bytes()))
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ mod sink;
 pub mod sources;
 pub mod stop;
 
-pub use hash::{canonical_hash, content_hash, demographics_hash};
+pub use hash::{canonical_hash, content_hash, content_hash_node, demographics_hash};
 pub use lock::{LockError, LockHolder, RunLock};
 pub use report::RunReport;
 pub use session::{Finished, RunEnd, RunSession, SessionError, SessionOptions};
