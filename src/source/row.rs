@@ -292,6 +292,25 @@ impl Row {
 mod tests {
     use super::*;
 
+    #[test]
+    fn date_times_are_written_as_chrono_writes_them() {
+        let cases = [
+            (2024, 3, 1, 8, 5, 9, 0),
+            (812, 12, 31, 23, 59, 59, 0),
+            (2024, 1, 2, 0, 0, 0, 250_000_000),
+            (10_000, 1, 1, 0, 0, 0, 0),
+        ];
+        for (y, mo, d, h, mi, s, ns) in cases {
+            let dt = chrono::NaiveDate::from_ymd_opt(y, mo, d)
+                .and_then(|d| d.and_hms_nano_opt(h, mi, s, ns))
+                .expect("valid date-time");
+            assert_eq!(
+                format_naive_datetime(&dt),
+                dt.format("%Y-%m-%dT%H:%M:%S%.f").to_string()
+            );
+        }
+    }
+
     fn loc(sheet: Option<&str>) -> RowLocation {
         RowLocation {
             file: "registry.xlsx".into(),
