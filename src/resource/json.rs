@@ -182,9 +182,35 @@ static SPECIAL: [bool; 256] = {
     t
 };
 
-/// Where the next special byte of `bytes` is, if any.
+/// Where the next special byte of `bytes` is, if any. Eight bytes are tested at a time while
+/// none of them can be special (most strings have no special byte at all), then the table
+/// decides byte by byte.
 pub(crate) fn next_special(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().position(|&b| SPECIAL[usize::from(b)])
+    let mut skipped = 0;
+    for chunk in bytes.chunks_exact(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        if may_hold_special(u64::from_le_bytes(word)) {
+            break;
+        }
+        skipped += 8;
+    }
+    bytes[skipped..]
+        .iter()
+        .position(|&b| SPECIAL[usize::from(b)])
+        .map(|p| p + skipped)
+}
+
+/// True when one of the eight bytes of `w` may be `"`, `\\` or below 0x20: never false when
+/// one is (it may be true when none is, which only costs a byte-by-byte look).
+fn may_hold_special(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte below `n` (n ≤ 0x80) leaves its high bit set in `(x - n) & !x`.
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
+    let quote = w ^ (ONES * u64::from(b'"'));
+    let backslash = w ^ (ONES * u64::from(b'\\'));
+    (below(w, 0x20) | below(quote, 1) | below(backslash, 1)) != 0
 }
 
 /// Deepest nesting accepted (as serde_json, which stops at 128).
@@ -607,6 +633,33 @@ mod tests {
         ];
         for d in docs {
             assert_eq!(compact(d), serde_compact(d), "{d}");
+        }
+    }
+
+    #[test]
+    fn special_bytes_are_found_wherever_they_are() {
+        let specials = [b'"', b'\\', 0x00, 0x01, 0x1f];
+        let plain = [
+            b'a', b' ', 0x7f, 0x80, 0xc3, 0xff, b'!', b'#', b'[', b']', 0x20, 0x21,
+        ];
+        for len in 0..20 {
+            for &p in &plain {
+                let mut bytes = vec![p; len];
+                assert_eq!(next_special(&bytes), None, "{bytes:?}");
+                for at in 0..len {
+                    for &sp in &specials {
+                        bytes[at] = sp;
+                        assert_eq!(next_special(&bytes), Some(at), "{bytes:?}");
+                        // A second special byte later does not hide the first.
+                        if at + 1 < len {
+                            bytes[len - 1] = b'"';
+                            assert_eq!(next_special(&bytes), Some(at), "{bytes:?}");
+                            bytes[len - 1] = p;
+                        }
+                        bytes[at] = p;
+                    }
+                }
+            }
         }
     }
 
