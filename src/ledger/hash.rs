@@ -161,7 +161,7 @@ fn write_object(out: &mut impl Sinkish, map: &Object<'_>, skip: &[&str]) {
 /// A string literal escaped as serde_json escapes it.
 fn write_string(out: &mut impl Sinkish, s: &str) {
     let mut text = String::with_capacity(s.len() + 2);
-    crate::resource::json::write_compact(&mut text, &Node::String(s.into()));
+    let _ = crate::resource::json::write_escaped(&mut text, s);
     out.put(text.as_bytes());
 }
 

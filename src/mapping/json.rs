@@ -14,6 +14,7 @@ use minijinja::value::{Enumerator, Object, ObjectRepr, Value, ValueKind};
 use minijinja::{AutoEscape, Error, ErrorKind, Output, State};
 
 use super::filters::DecimalValue;
+use crate::resource::json::write_escaped as escape_str;
 
 /// A small JSON object for templates (a lookup entry, a Quantity, the business identifier): its
 /// members in order, readable as `x.member`, and written by [`formatter`] straight from the list
@@ -153,29 +154,6 @@ pub fn write_json<W: Write>(out: &mut W, value: &Value) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-/// A JSON string literal. Runs of characters that need no escape are copied whole.
-pub fn escape_str<W: Write>(out: &mut W, s: &str) -> std::fmt::Result {
-    out.write_char('"')?;
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    while let Some(n) = crate::resource::json::next_special(&bytes[start..]) {
-        let i = start + n;
-        // Every special byte is ASCII, so `start..i` falls on character boundaries.
-        out.write_str(&s[start..i])?;
-        match bytes[i] {
-            b'"' => out.write_str("\\\"")?,
-            b'\\' => out.write_str("\\\\")?,
-            b'\n' => out.write_str("\\n")?,
-            b'\r' => out.write_str("\\r")?,
-            b'\t' => out.write_str("\\t")?,
-            b => write!(out, "\\u{b:04x}")?,
-        }
-        start = i + 1;
-    }
-    out.write_str(&s[start..])?;
-    out.write_char('"')
 }
 
 /// A decimal as a JSON number with its scale (`12.50`), as `Decimal`'s `Display` writes it,

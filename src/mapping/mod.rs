@@ -528,8 +528,8 @@ impl MappingSet {
         t.render(ctx).map_err(|e| self.template_error(m, row, &e))
     }
 
-    /// Renders a template to a JSON tree with its nulls stripped.
-    fn render_tree<'t>(
+    /// Parses a template's output into a JSON tree with its nulls stripped.
+    fn parse_output<'t>(
         &self,
         row: &Row,
         template: &str,
@@ -556,7 +556,7 @@ impl MappingSet {
     ) -> Result<Body, RowError> {
         let template = &m.spec.template;
         let text = self.render_text(m, row, template, ctx)?;
-        let body = self.render_tree(row, template, &text)?;
+        let body = self.parse_output(row, template, &text)?;
         let rt = &m.spec.resource_type;
         let mut issues = Vec::new();
         match body.get("resourceType").and_then(|v| v.as_str()) {
@@ -597,7 +597,7 @@ impl MappingSet {
         ctx: &JValue,
     ) -> Result<serde_json::Map<String, serde_json::Value>, RowError> {
         let text = self.render_text(m, row, template, ctx)?;
-        let tree = self.render_tree(row, template, &text)?;
+        let tree = self.parse_output(row, template, &text)?;
         let mut compact = String::new();
         json_doc::write_compact(&mut compact, &tree);
         match serde_json::from_str(&compact) {

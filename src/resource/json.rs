@@ -574,35 +574,42 @@ pub fn write_compact(out: &mut String, v: &Node<'_>) {
 }
 
 /// A JSON string literal escaped as serde_json escapes it: `"` and `\` with a backslash, the
-/// control characters as `\b \t \n \f \r` or `\u00XX`, everything else as it is.
-fn write_string(out: &mut String, s: &str) {
+/// control characters as `\b \t \n \f \r` or `\u00XX`, everything else as it is. Runs that need
+/// no escape are copied whole. The one string escaper of the crate: resources, template output
+/// and ledger hashes all go through it.
+pub fn write_escaped<W: fmt::Write>(out: &mut W, s: &str) -> fmt::Result {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push('"');
+    out.write_char('"')?;
     let bytes = s.as_bytes();
     let mut start = 0;
     while let Some(n) = next_special(&bytes[start..]) {
         let i = start + n;
         // Every special byte is ASCII, so `start..i` falls on character boundaries.
-        out.push_str(&s[start..i]);
+        out.write_str(&s[start..i])?;
         let b = bytes[i];
         match b {
-            b'"' => out.push_str("\\\""),
-            b'\\' => out.push_str("\\\\"),
-            0x08 => out.push_str("\\b"),
-            0x09 => out.push_str("\\t"),
-            0x0a => out.push_str("\\n"),
-            0x0c => out.push_str("\\f"),
-            0x0d => out.push_str("\\r"),
+            b'"' => out.write_str("\\\"")?,
+            b'\\' => out.write_str("\\\\")?,
+            0x08 => out.write_str("\\b")?,
+            0x09 => out.write_str("\\t")?,
+            0x0a => out.write_str("\\n")?,
+            0x0c => out.write_str("\\f")?,
+            0x0d => out.write_str("\\r")?,
             _ => {
-                out.push_str("\\u00");
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 0xf)]));
+                out.write_str("\\u00")?;
+                out.write_char(char::from(HEX[usize::from(b >> 4)]))?;
+                out.write_char(char::from(HEX[usize::from(b & 0xf)]))?;
             }
         }
         start = i + 1;
     }
-    out.push_str(&s[start..]);
-    out.push('"');
+    out.write_str(&s[start..])?;
+    out.write_char('"')
+}
+
+/// [`write_escaped`] into a `String`, which cannot fail.
+fn write_string(out: &mut String, s: &str) {
+    let _ = write_escaped(out, s);
 }
 
 #[cfg(test)]

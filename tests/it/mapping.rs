@@ -314,77 +314,73 @@ fn render_shows_context_resource_and_validation() {
     snap("render_unmapped", stdout.lines().last().unwrap_or_default());
 }
 
-#[test]
-fn template_errors_show_name_line_and_caret_and_never_reach_the_output() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tdir = dir.path().join("templates/t");
+/// A pipeline of one Observation mapping, `name`, over the LABS rows, with `template` as its
+/// template. Runs it dry with `jobs` and returns the first reject's reason and the output folder.
+fn first_reject_of_one_template(
+    dir: &Path,
+    name: &str,
+    template: &str,
+    jobs: &str,
+) -> (String, PathBuf) {
+    let tdir = dir.join("templates/t");
     std::fs::create_dir_all(&tdir).expect("mkdir");
-    std::fs::write(
-        tdir.join("typo.json.j2"),
-        "{\n  \"resourceType\": \"Observation\",\n  \"status\": {{ row.stauts }}\n}\n",
-    )
-    .expect("template");
-    let mdir = dir.path().join("mappings");
+    std::fs::write(tdir.join(format!("{name}.json.j2")), template).expect("template");
+    let mdir = dir.join("mappings");
     std::fs::create_dir_all(&mdir).expect("mkdir");
     std::fs::write(
-        mdir.join("typo.toml"),
-        "name = \"typo\"\nsource = \"labs\"\nkind = \"resource\"\nresource_type = \"Observation\"\ntemplate = \"t/typo.json.j2\"\npatient_key = [\"mrn\"]\nrecord_key = [\"lab_id\"]\nidentifier_system = \"urn:x:lab\"\n",
+        mdir.join(format!("{name}.toml")),
+        format!(
+            "name = \"{name}\"\nsource = \"labs\"\nkind = \"resource\"\nresource_type = \"Observation\"\ntemplate = \"t/{name}.json.j2\"\npatient_key = [\"mrn\"]\nrecord_key = [\"lab_id\"]\nidentifier_system = \"urn:x:lab\"\n"
+        ),
     )
     .expect("mapping");
-    let config = dir.path().join("pipeline.toml");
+    let config = dir.join("pipeline.toml");
     std::fs::write(
         &config,
-        "mappings = [\"mappings/typo.toml\"]\n[center]\nccn = \"12001\"\n[sources.labs]\npath = \"labs.csv\"\n",
+        format!(
+            "mappings = [\"mappings/{name}.toml\"]\n[center]\nccn = \"12001\"\n[sources.labs]\npath = \"labs.csv\"\n"
+        ),
     )
     .expect("config");
-    std::fs::write(dir.path().join("labs.csv"), LABS).expect("labs");
-    let out = dir.path().join("out");
-    let o = dry_run(&config, &out, "2");
+    std::fs::write(dir.join("labs.csv"), LABS).expect("labs");
+    let out = dir.join("out");
+    let o = dry_run(&config, &out, jobs);
     assert_eq!(o.status.code(), Some(1));
     let rejects = read(&out.join("rejects.csv"));
     let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
     let first = rdr.records().next().expect("a reject").expect("csv");
-    snap("template_error", &first[3]);
+    (first[3].to_string(), out)
+}
+
+#[test]
+fn template_errors_show_name_line_and_caret_and_never_reach_the_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (reason, out) = first_reject_of_one_template(
+        dir.path(),
+        "typo",
+        "{\n  \"resourceType\": \"Observation\",\n  \"status\": {{ row.stauts }}\n}\n",
+        "2",
+    );
+    snap("template_error", &reason);
     assert!(!out.join("Observation.ndjson").exists());
 }
 
 #[test]
 fn output_that_is_not_json_names_the_template_line_and_column() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tdir = dir.path().join("templates/t");
-    std::fs::create_dir_all(&tdir).expect("mkdir");
     // A comma after the last member: the row is rejected, with where the output breaks.
-    std::fs::write(
-        tdir.join("comma.json.j2"),
+    let (reason, _) = first_reject_of_one_template(
+        dir.path(),
+        "comma",
         "{\n  \"resourceType\": \"Observation\",\n  \"status\": {{ row.lab_id }},\n}\n",
-    )
-    .expect("template");
-    let mdir = dir.path().join("mappings");
-    std::fs::create_dir_all(&mdir).expect("mkdir");
-    std::fs::write(
-        mdir.join("comma.toml"),
-        "name = \"comma\"\nsource = \"labs\"\nkind = \"resource\"\nresource_type = \"Observation\"\ntemplate = \"t/comma.json.j2\"\npatient_key = [\"mrn\"]\nrecord_key = [\"lab_id\"]\nidentifier_system = \"urn:x:lab\"\n",
-    )
-    .expect("mapping");
-    let config = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        "mappings = [\"mappings/comma.toml\"]\n[center]\nccn = \"12001\"\n[sources.labs]\npath = \"labs.csv\"\n",
-    )
-    .expect("config");
-    std::fs::write(dir.path().join("labs.csv"), LABS).expect("labs");
-    let out = dir.path().join("out");
-    let o = dry_run(&config, &out, "1");
-    assert_eq!(o.status.code(), Some(1));
-    let rejects = read(&out.join("rejects.csv"));
-    let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
-    let first = rdr.records().next().expect("a reject").expect("csv");
+        "1",
+    );
     assert_eq!(
-        &first[3],
+        reason,
         "template t/comma.json.j2 rendered invalid JSON: syntax error (expected a member name) at line 4 column 1"
     );
     // The rendered value (a record key) is not quoted in the reason.
-    assert!(!first[3].contains("A000"));
+    assert!(!reason.contains("A000"));
 }
 
 #[test]
