@@ -461,3 +461,36 @@ fn validate_names_unknown_keys_with_their_line() {
     assert_clean_failure(&o, "p.toml:5:1");
     assert!(stderr(&o).contains("sheeet"));
 }
+
+/// The `gen-samples` example as `cargo test` builds it, beside the `fhirlift` binary.
+fn gen_samples() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_fhirlift"));
+    let dir = bin.parent().expect("the binary's folder");
+    let exe = dir
+        .join("examples")
+        .join(format!("gen-samples{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        exe.exists(),
+        "{} is missing: `cargo test` builds the examples, `cargo test --test tests` alone does not",
+        exe.display()
+    );
+    exe
+}
+
+#[test]
+fn the_samples_are_what_their_generator_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = std::process::Command::new(gen_samples())
+        .arg(dir.path())
+        .output()
+        .expect("gen-samples");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for file in ["registry.xlsx", "labs.csv", "labs.parquet"] {
+        let written = std::fs::read(dir.path().join(file)).expect("written");
+        let shipped = std::fs::read(repo().join("samples").join(file)).expect("shipped");
+        assert!(
+            written == shipped,
+            "samples/{file} differs from what `cargo run --example gen-samples -- samples` writes"
+        );
+    }
+}
