@@ -5,9 +5,16 @@
 //! `bundles/bundle-NNNNN.json` transaction Bundles of at most [`BUNDLE_MAX`] entries, and, written
 //! by [`write_manifest`] at the very end, `manifest.json`. Every file is created with mode 0600.
 //! This sink never builds an HTTP client and never calls the CRID service.
+//!
+//! The Bundles are packed as the loader packs them for patients the server does not hold yet: a
+//! patient with fewer than [`BUNDLE_MAX`] resources travels with them in one Bundle (they refer to
+//! it by its placeholder, which is the Patient entry's `fullUrl`), several such patients share a
+//! Bundle, and a patient with more goes on its own while its resources fill Bundles of their own.
+//! They are written at the end, from the NDJSON files: only each resource's place in its file is
+//! kept until then.
 
-use std::collections::BTreeMap;
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -37,11 +44,38 @@ pub struct DryRunOptions {
 
 type FileWriter = std::io::BufWriter<std::fs::File>;
 
+/// One NDJSON file being written, and how many bytes it holds so far.
+struct NdjsonFile {
+    writer: FileWriter,
+    len: u64,
+}
+
+/// A written resource, as a Bundle entry will need it: its file, its line's place in the file and
+/// its `fullUrl`.
+struct Placed {
+    resource_type: String,
+    offset: u64,
+    len: usize,
+    full_url: String,
+}
+
+/// What the Bundles will hold, gathered while the NDJSON files are written.
+#[derive(Default)]
+struct BundlePlan {
+    /// Patients in the order written, with their keys.
+    patients: Vec<(String, Placed)>,
+    /// Other resources per patient key, in the order written.
+    resources: HashMap<String, Vec<Placed>>,
+    /// Patient keys in the order their first resource was written.
+    resource_keys: Vec<String>,
+}
+
 pub struct DryRunSink {
     dir: PathBuf,
     opts: DryRunOptions,
-    ndjson: BTreeMap<String, FileWriter>,
+    ndjson: BTreeMap<String, NdjsonFile>,
     crid: Option<FileWriter>,
+    plan: BundlePlan,
     bundle_entries: Vec<serde_json::Value>,
     bundles_written: usize,
 }
@@ -80,6 +114,7 @@ impl DryRunSink {
             opts,
             ndjson: BTreeMap::new(),
             crid: None,
+            plan: BundlePlan::default(),
             bundle_entries: Vec::new(),
             bundles_written: 0,
         })
@@ -92,35 +127,114 @@ impl DryRunSink {
         }
     }
 
-    fn write_resource(
-        &mut self,
-        r: &MappedResource,
-        full_url: String,
-    ) -> Result<RowOutcome, SinkError> {
+    /// Appends a resource to its type's NDJSON file and returns where its line starts.
+    fn write_resource(&mut self, r: &MappedResource) -> Result<(RowOutcome, u64), SinkError> {
         let name = format!("{}.ndjson", r.resource_type);
         if !self.ndjson.contains_key(&r.resource_type) {
-            let w = create_private(&self.dir.join(&name)).map_err(|e| self.io(&name, e))?;
-            self.ndjson.insert(r.resource_type.clone(), w);
+            let writer = create_private(&self.dir.join(&name)).map_err(|e| self.io(&name, e))?;
+            self.ndjson
+                .insert(r.resource_type.clone(), NdjsonFile { writer, len: 0 });
         }
-        if let Some(w) = self.ndjson.get_mut(&r.resource_type) {
-            w.write_all(r.body.as_str().as_bytes())
-                .and_then(|_| w.write_all(b"\n"))
+        let mut offset = 0;
+        if let Some(f) = self.ndjson.get_mut(&r.resource_type) {
+            let text = r.body.as_str().as_bytes();
+            f.writer
+                .write_all(text)
+                .and_then(|_| f.writer.write_all(b"\n"))
                 .map_err(|e| SinkError::Io {
                     path: self.dir.join(&name),
                     source: e,
                 })?;
+            offset = f.len;
+            f.len += text.len() as u64 + 1;
         }
-        if self.opts.bundles {
-            self.bundle_entries.push(serde_json::json!({
-                "fullUrl": full_url,
-                "resource": r.body.value(),
-                "request": {"method": "POST", "url": r.resource_type},
-            }));
-            if self.bundle_entries.len() == BUNDLE_MAX {
+        Ok((RowOutcome::written(r), offset))
+    }
+
+    fn placed(r: &MappedResource, offset: u64, full_url: String) -> Placed {
+        Placed {
+            resource_type: r.resource_type.clone(),
+            offset,
+            len: r.body.as_str().len(),
+            full_url,
+        }
+    }
+
+    /// Writes the Bundles from the finished NDJSON files, packed as described in the module
+    /// documentation.
+    fn write_bundles(&mut self) -> Result<(), SinkError> {
+        let plan = std::mem::take(&mut self.plan);
+        let mut files: HashMap<String, std::fs::File> = HashMap::new();
+        let mut resources = plan.resources;
+        for (key, patient) in plan.patients {
+            let own = resources.remove(&key).unwrap_or_default();
+            if own.len() < BUNDLE_MAX {
+                if self.bundle_entries.len() + own.len() + 1 > BUNDLE_MAX {
+                    self.flush_bundle()?;
+                }
+                self.push_entry(&mut files, &patient)?;
+                for r in &own {
+                    self.push_entry(&mut files, r)?;
+                }
+            } else {
                 self.flush_bundle()?;
+                self.push_own_bundles(&mut files, &own)?;
             }
         }
-        Ok(RowOutcome::written(r))
+        // Resources whose Patient is not in this run: their own Bundles, patient by patient.
+        self.flush_bundle()?;
+        for key in plan.resource_keys {
+            if let Some(own) = resources.remove(&key) {
+                self.push_own_bundles(&mut files, &own)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One patient's resources in Bundles of their own.
+    fn push_own_bundles(
+        &mut self,
+        files: &mut HashMap<String, std::fs::File>,
+        own: &[Placed],
+    ) -> Result<(), SinkError> {
+        for chunk in own.chunks(BUNDLE_MAX) {
+            for r in chunk {
+                self.push_entry(files, r)?;
+            }
+            self.flush_bundle()?;
+        }
+        Ok(())
+    }
+
+    /// Reads a resource back from its NDJSON file into the next Bundle's entries.
+    fn push_entry(
+        &mut self,
+        files: &mut HashMap<String, std::fs::File>,
+        placed: &Placed,
+    ) -> Result<(), SinkError> {
+        let name = format!("{}.ndjson", placed.resource_type);
+        let err = |e| SinkError::Io {
+            path: self.dir.join(&name),
+            source: e,
+        };
+        if !files.contains_key(&placed.resource_type) {
+            let f = std::fs::File::open(self.dir.join(&name)).map_err(err)?;
+            files.insert(placed.resource_type.clone(), f);
+        }
+        let mut text = vec![0; placed.len];
+        if let Some(f) = files.get_mut(&placed.resource_type) {
+            f.seek(SeekFrom::Start(placed.offset))
+                .and_then(|_| f.read_exact(&mut text))
+                .map_err(err)?;
+        }
+        let resource: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        self.bundle_entries.push(serde_json::json!({
+            "fullUrl": placed.full_url,
+            "resource": resource,
+            "request": {"method": "POST", "url": placed.resource_type},
+        }));
+        Ok(())
     }
 
     fn flush_bundle(&mut self) -> Result<(), SinkError> {
@@ -162,8 +276,14 @@ impl Sink for DryRunSink {
     fn patients(&mut self, batch: Vec<MappedPatient>) -> Result<Vec<RowOutcome>, SinkError> {
         let mut out = Vec::with_capacity(batch.len());
         for p in &batch {
-            let url = crate::resource::patient_placeholder(&p.resource.patient_key);
-            out.push(self.write_resource(&p.resource, url)?);
+            let (outcome, offset) = self.write_resource(&p.resource)?;
+            out.push(outcome);
+            if self.opts.bundles {
+                let key = p.resource.patient_key.clone();
+                let url = crate::resource::patient_placeholder(&key);
+                let placed = Self::placed(&p.resource, offset, url);
+                self.plan.patients.push((key, placed));
+            }
             if let Some(demographics) = &p.crid_demographics {
                 if self.crid.is_none() {
                     let w = create_private(&self.dir.join(CRID_REQUESTS))
@@ -185,17 +305,36 @@ impl Sink for DryRunSink {
     }
 
     fn resources(&mut self, batch: Vec<MappedResource>) -> Result<Vec<RowOutcome>, SinkError> {
-        batch
-            .iter()
-            .map(|r| self.write_resource(r, resource_full_url(r)))
-            .collect()
+        let mut out = Vec::with_capacity(batch.len());
+        for r in &batch {
+            let (outcome, offset) = self.write_resource(r)?;
+            out.push(outcome);
+            if self.opts.bundles {
+                let placed = Self::placed(r, offset, resource_full_url(r));
+                match self.plan.resources.get_mut(&r.patient_key) {
+                    Some(list) => list.push(placed),
+                    None => {
+                        self.plan.resource_keys.push(r.patient_key.clone());
+                        self.plan
+                            .resources
+                            .insert(r.patient_key.clone(), vec![placed]);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn finish(mut self: Box<Self>) -> Result<Vec<RowOutcome>, SinkError> {
-        self.flush_bundle()?;
         let files = std::mem::take(&mut self.ndjson);
-        for (t, mut w) in files {
-            w.flush().map_err(|e| self.io(&format!("{t}.ndjson"), e))?;
+        for (t, mut f) in files {
+            f.writer
+                .flush()
+                .map_err(|e| self.io(&format!("{t}.ndjson"), e))?;
+        }
+        if self.opts.bundles {
+            self.write_bundles()?;
+            self.flush_bundle()?;
         }
         if let Some(mut w) = self.crid.take() {
             w.flush().map_err(|e| self.io(CRID_REQUESTS, e))?;
@@ -373,6 +512,101 @@ mod tests {
         );
         assert!(again.is_ok());
         assert!(!out.join("Observation.ndjson").exists());
+    }
+
+    fn lab(key: &str, n: u64) -> MappedResource {
+        let mut r = obs(n);
+        r.patient_key = key.into();
+        r.body = crate::resource::Body::from_value(&serde_json::json!({
+            "resourceType": "Observation",
+            "subject": {"reference": crate::resource::patient_placeholder(key)},
+        }));
+        r
+    }
+
+    fn patient(key: &str) -> MappedPatient {
+        let mut r = obs(0);
+        r.resource_type = "Patient".into();
+        r.patient_key = key.into();
+        r.body = crate::resource::Body::from_value(&serde_json::json!({"resourceType": "Patient"}));
+        MappedPatient {
+            resource: r,
+            crid_demographics: None,
+            known_crid: None,
+        }
+    }
+
+    #[test]
+    fn bundles_carry_each_new_patient_with_its_resources_as_the_loader_packs_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out");
+        let mut sink = Box::new(
+            DryRunSink::create(
+                &out,
+                DryRunOptions {
+                    ccn: "12001".into(),
+                    bundles: true,
+                },
+            )
+            .expect("create"),
+        );
+        sink.patients(vec![patient("p1"), patient("p2"), patient("p3")])
+            .expect("patients");
+        // Rows of several patients interleaved, as a lab file holds them; `orphan` has no Patient
+        // in this run.
+        let mut labs = Vec::new();
+        for n in 0..60 {
+            labs.push(lab("p2", n));
+            if n < 2 {
+                labs.push(lab("p1", 100 + n));
+            }
+            if n < 47 {
+                labs.push(lab("p3", 200 + n));
+            }
+        }
+        labs.push(lab("orphan", 300));
+        sink.resources(labs).expect("resources");
+        sink.finish().expect("finish");
+
+        let mut bundles = Vec::new();
+        for i in 1.. {
+            let path = out.join(format!("bundles/bundle-{i:05}.json"));
+            let Ok(text) = std::fs::read_to_string(path) else {
+                break;
+            };
+            let b: serde_json::Value = serde_json::from_str(&text).expect("json");
+            bundles.push(b["entry"].as_array().cloned().unwrap_or_default());
+        }
+        let shape: Vec<(usize, usize)> = bundles
+            .iter()
+            .map(|entries| {
+                let patients = entries
+                    .iter()
+                    .filter(|e| e["resource"]["resourceType"] == "Patient")
+                    .count();
+                (entries.len(), patients)
+            })
+            .collect();
+        // p1 with its 2; p2's 60 alone (its Patient goes on its own); p3 with its 47; the orphan.
+        assert_eq!(shape, vec![(3, 1), (50, 0), (10, 0), (48, 1), (1, 0)]);
+        let p2 = crate::resource::patient_placeholder("p2");
+        let orphan = crate::resource::patient_placeholder("orphan");
+        for entries in &bundles {
+            let urls: Vec<&str> = entries
+                .iter()
+                .filter_map(|e| e["fullUrl"].as_str())
+                .collect();
+            for e in entries {
+                if let Some(r) = e["resource"]["subject"]["reference"].as_str() {
+                    // Placeholders resolve inside the Bundle, except for a Patient the loader
+                    // creates before its resources.
+                    assert!(urls.contains(&r) || r == p2 || r == orphan, "{r}");
+                }
+            }
+        }
+        let total: usize = bundles.iter().map(Vec::len).sum();
+        // Every resource once; p2's Patient is in Patient.ndjson only.
+        assert_eq!(total, 2 + 2 + 60 + 47 + 1);
     }
 
     #[test]
