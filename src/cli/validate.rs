@@ -17,12 +17,23 @@ pub struct ValidateArgs {
 
 pub fn run(args: ValidateArgs) -> CommandResult {
     let mut problems = Problems::new();
+    let mut warnings = Vec::new();
     match PipelineConfig::load_unchecked(&args.config) {
         Err(e) => problems.push_error(&e),
-        Ok(config) => check(&config, &mut problems),
+        Ok(config) => check(&config, &mut problems, &mut warnings),
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
     }
     if problems.is_empty() {
-        println!("{}: OK", args.config.display());
+        match warnings.len() {
+            0 => println!("{}: OK", args.config.display()),
+            n => println!(
+                "{}: OK, {n} warning{}",
+                args.config.display(),
+                if n == 1 { "" } else { "s" }
+            ),
+        }
         return Ok(Outcome::Success);
     }
     for p in problems.iter() {
@@ -37,8 +48,9 @@ pub fn run(args: ValidateArgs) -> CommandResult {
     Ok(Outcome::ConfigError)
 }
 
-/// Every check that needs the parsed config. Pure: reads files, never the network.
-pub fn check(config: &PipelineConfig, problems: &mut Problems) {
+/// Every check that needs the parsed config. Pure: reads files, never the network. Findings that
+/// need not be mistakes go to `warnings`, as text.
+pub fn check(config: &PipelineConfig, problems: &mut Problems, warnings: &mut Vec<String>) {
     for e in config.problems() {
         problems.push_error(&e);
     }
@@ -56,9 +68,11 @@ pub fn check(config: &PipelineConfig, problems: &mut Problems) {
         // (in its file or as `row.<column>` in a template) must be in its source's header.
         match crate::mapping::MappingSet::load(config) {
             Ok(set) => {
-                for e in set.check_columns(config) {
-                    problems.push_error(&e);
+                let columns = set.check_columns(config);
+                for e in &columns.errors {
+                    problems.push_error(e);
                 }
+                warnings.extend(columns.warnings.iter().map(|w| crate::cli::error_chain(w)));
             }
             Err(errors) => {
                 for e in errors {

@@ -78,6 +78,15 @@ pub struct MappedRow {
     pub warnings: Vec<(String, Issue)>,
 }
 
+/// What [`MappingSet::check_columns`] found.
+#[derive(Debug, Default)]
+pub struct ColumnCheck {
+    /// Columns a mapping needs that its source lacks.
+    pub errors: Vec<MappingError>,
+    /// Columns a template may read that its source lacks, where that need not be a mistake.
+    pub warnings: Vec<MappingError>,
+}
+
 /// Every mapping of a pipeline, with its templates and lookup tables.
 pub struct MappingSet {
     env: Environment<'static>,
@@ -333,8 +342,12 @@ impl MappingSet {
 
     /// Opens each mapping's source (header only) and checks that every column it names exists.
     /// For `fhirlift validate`; reads no data row.
-    pub fn check_columns(&self, config: &PipelineConfig) -> Vec<MappingError> {
-        let mut problems = Vec::new();
+    ///
+    /// A column missing from the header is an error, except one that only a wide mapping's
+    /// template reads: a template may serve both layouts (the shipped lab template does), and
+    /// reads the long layout's columns only for long rows, so there it is a warning.
+    pub fn check_columns(&self, config: &PipelineConfig) -> ColumnCheck {
+        let mut check = ColumnCheck::default();
         for (i, m) in self.mappings.iter().enumerate() {
             let Some(cfg) = config.sources.get(&m.spec.source) else {
                 continue;
@@ -342,7 +355,7 @@ impl MappingSet {
             let reader = match crate::source::open(&m.spec.source, cfg, &config.defaults) {
                 Ok(r) => r,
                 Err(e) => {
-                    problems.push(MappingError::Invalid {
+                    check.errors.push(MappingError::Invalid {
                         path: m.spec.file.clone(),
                         key: "source".into(),
                         message: format!("cannot open source {:?}: {e}", m.spec.source),
@@ -351,26 +364,38 @@ impl MappingSet {
                 }
             };
             let header = reader.header().clone();
+            let columns = || {
+                header
+                    .columns
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             for (column, place) in self.columns_used(i) {
-                if header.index_of(&column).is_none() {
-                    problems.push(MappingError::Invalid {
+                if header.index_of(&column).is_some() {
+                    continue;
+                }
+                let missing = format!("column {column:?} is not in source {:?}", m.spec.source);
+                if !m.spec.wide.is_empty() && place.starts_with("template ") {
+                    check.warnings.push(MappingError::Invalid {
                         path: m.spec.file.clone(),
                         key: place,
                         message: format!(
-                            "column {column:?} is not in source {:?} (columns: {})",
-                            m.spec.source,
-                            header
-                                .columns
-                                .iter()
-                                .map(|c| c.to_string())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            "{missing}; this mapping is wide, so its template may read it only for \
+                             long rows, but a wide row that reaches it is rejected"
                         ),
+                    });
+                } else {
+                    check.errors.push(MappingError::Invalid {
+                        path: m.spec.file.clone(),
+                        key: place,
+                        message: format!("{missing} (columns: {})", columns()),
                     });
                 }
             }
         }
-        problems
+        check
     }
 
     /// The template context a row gets (without `item`), for `render` to show.

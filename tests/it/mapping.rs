@@ -262,6 +262,21 @@ fn wide_rows_give_one_observation_per_filled_column() {
         &[wide.to_str().expect("utf-8 path")],
         "\n[sources.labs_wide]\npath = \"wide.csv\"\n",
     );
+    // The shipped lab template serves both layouts: the long layout's columns, absent from the
+    // wide file, are warnings for the wide mapping, not errors.
+    let v = fhirlift()
+        .arg("validate")
+        .arg(&config)
+        .output()
+        .expect("validate");
+    let stderr = String::from_utf8_lossy(&v.stderr);
+    assert_eq!(v.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: ")
+            && stderr.contains("column \"test_code\" is not in source \"labs_wide\""),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&v.stdout).contains(": OK, 6 warnings"));
     let out = dir.path().join("out");
     let o = dry_run(&config, &out, "2");
     assert_eq!(
