@@ -152,10 +152,18 @@ pub enum RowError {
         location: RowLocation,
         column: String,
     },
-    /// Any other template failure.
+    /// A result in another unit than its code is measured in (`quantity(…, expected=…)`).
+    Unit {
+        location: RowLocation,
+        column: Option<String>,
+        unit: String,
+        expected: String,
+    },
+    /// Any other template failure; `column` is the wide column being rendered, if any.
     Template {
         location: RowLocation,
         mapping: String,
+        column: Option<String>,
         failure: Box<TemplateFailure>,
     },
     /// The template's output is not JSON.
@@ -194,6 +202,21 @@ pub enum RowError {
 }
 
 impl RowError {
+    /// Blames `column` (a wide column being rendered) when the error names no column yet.
+    pub fn in_column(mut self, wide: &str) -> RowError {
+        match &mut self {
+            RowError::Unit { column, .. }
+            | RowError::Template { column, .. }
+            | RowError::Unmapped { column, .. }
+                if column.is_none() =>
+            {
+                *column = Some(wide.to_string());
+            }
+            _ => {}
+        }
+        self
+    }
+
     /// The row this error is about.
     pub fn location(&self) -> RowLocation {
         match self {
@@ -209,6 +232,7 @@ impl RowError {
             | RowError::EmptyKey { location, .. }
             | RowError::Unmapped { location, .. }
             | RowError::Required { location, .. }
+            | RowError::Unit { location, .. }
             | RowError::Template { location, .. }
             | RowError::Json { location, .. }
             | RowError::Invalid { location, .. }
@@ -226,7 +250,9 @@ impl RowError {
             | RowError::Required { column, .. }
             | RowError::UnknownPatient { column, .. }
             | RowError::DuplicatePatient { column, .. } => Some(column),
-            RowError::Unmapped { column, .. } => column.as_deref(),
+            RowError::Unmapped { column, .. }
+            | RowError::Unit { column, .. }
+            | RowError::Template { column, .. } => column.as_deref(),
             _ => None,
         }
     }
@@ -239,6 +265,7 @@ impl RowError {
             RowError::EmptyKey { .. } => "empty_key",
             RowError::Unmapped { .. } => "unmapped_code",
             RowError::Required { .. } => "required",
+            RowError::Unit { .. } => "unit",
             RowError::Template { .. } => "template",
             RowError::Json { .. } => "json",
             RowError::Invalid { .. } => "invalid_resource",
@@ -277,9 +304,26 @@ impl RowError {
             RowError::Required { column, .. } => {
                 format!("{}a required value is empty", col(column))
             }
+            RowError::Unit {
+                column,
+                unit,
+                expected,
+                ..
+            } => format!(
+                "{}unit {unit:?} is not {expected:?}, the unit the lookup table gives for this \
+                 test's code: results in other units need a code of their own (with the LOINC \
+                 code for those units)",
+                column.as_deref().map(col).unwrap_or_default()
+            ),
             RowError::Template {
-                mapping, failure, ..
-            } => format!("mapping {mapping}: {failure}"),
+                mapping,
+                column,
+                failure,
+                ..
+            } => format!(
+                "{}mapping {mapping}: {failure}",
+                column.as_deref().map(col).unwrap_or_default()
+            ),
             RowError::Json {
                 template, message, ..
             } => format!("template {template} rendered invalid JSON: {message}"),

@@ -65,6 +65,14 @@ pub struct RequiredMissing {
     pub column: String,
 }
 
+/// `quantity(…, expected=…)` found a result in another unit than its code is measured in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unit {unit:?} is not {expected:?}, the unit the lookup table gives for this code")]
+pub struct UnitMismatch {
+    pub unit: String,
+    pub expected: String,
+}
+
 fn invalid(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
     Error::new(ErrorKind::InvalidOperation, message)
 }
@@ -428,9 +436,12 @@ pub fn decimal(value: Value) -> Result<Value, Error> {
     })
 }
 
-/// `value | quantity("mg/dL", comparator=row.comparator, unit="mg/dL")` — a FHIR Quantity in
-/// UCUM: `{"value", "comparator"?, "unit", "system": UCUM, "code"}`. The comparator must be one of
-/// `<`, `<=`, `>=`, `>` or empty. `none` stays `none`.
+/// `value | quantity("mg/dL", comparator=row.comparator, unit="mg/dL", expected=lab.ucum)` — a
+/// FHIR Quantity in UCUM: `{"value", "comparator"?, "unit", "system": UCUM, "code"}`. The
+/// comparator must be one of `<`, `<=`, `>=`, `>` or empty. With `expected` (the unit the code is
+/// measured in), another UCUM code fails the row with [`UnitMismatch`]: a LOINC code names what
+/// is measured in which kind of unit, so a result in other units needs its own code. `none`
+/// stays `none`.
 pub fn quantity(
     value: Value,
     code: &str,
@@ -439,7 +450,10 @@ pub fn quantity(
     static UCUM_VALUE: LazyLock<Value> = LazyLock::new(|| Value::from(UCUM));
     // `peek` and a check of the names, rather than `get` and `assert_all_used`, which keep a
     // set of the names used for every call.
-    if let Some(other) = kwargs.args().find(|a| !matches!(*a, "comparator" | "unit")) {
+    if let Some(other) = kwargs
+        .args()
+        .find(|a| !matches!(*a, "comparator" | "unit" | "expected"))
+    {
         return Err(Error::new(
             ErrorKind::TooManyArguments,
             format!("unknown keyword argument '{other}'"),
@@ -452,6 +466,14 @@ pub fn quantity(
     };
     if code.trim().is_empty() || code.contains(char::is_whitespace) {
         return Err(invalid(format!("{code:?} is not a UCUM code")));
+    }
+    let expected: Option<&str> = kwargs.peek("expected")?;
+    if let Some(expected) = expected.filter(|e| !e.trim().is_empty() && *e != code) {
+        let e = UnitMismatch {
+            unit: code.to_string(),
+            expected: expected.to_string(),
+        };
+        return Err(invalid(e.to_string()).with_source(e));
     }
     let mut members: Vec<(&'static str, Value)> = Vec::with_capacity(5);
     members.push(("value", Value::from_object(DecimalValue(number))));
@@ -703,6 +725,22 @@ mod tests {
         let kw = minijinja::value::Kwargs::from_iter([("unit", Value::from("grams/dL"))]);
         let q = quantity(Value::from("1"), "g/dL", kw).expect("unit");
         assert_eq!(q.get_attr("unit").expect("u").as_str(), Some("grams/dL"));
+    }
+
+    #[test]
+    fn quantity_refuses_a_unit_other_than_the_one_its_code_is_measured_in() {
+        let kw = minijinja::value::Kwargs::from_iter([("expected", Value::from("mg/dL"))]);
+        let e = quantity(Value::from("167"), "umol/L", kw).expect_err("mismatch");
+        let source = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<UnitMismatch>())
+            .expect("a UnitMismatch");
+        assert_eq!(source.unit, "umol/L");
+        assert_eq!(source.expected, "mg/dL");
+        let kw = minijinja::value::Kwargs::from_iter([("expected", Value::from("mg/dL"))]);
+        assert!(quantity(Value::from("1.2"), "mg/dL", kw).is_ok());
+        // A code measured in no unit (an empty `ucum` in the table) sets no expectation.
+        let kw = minijinja::value::Kwargs::from_iter([("expected", Value::from(""))]);
+        assert!(quantity(Value::from("1.2"), "mg/dL", kw).is_ok());
     }
 
     #[test]

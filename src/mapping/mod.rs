@@ -477,19 +477,16 @@ impl MappingSet {
                         system: m.spec.identifier_system.clone(),
                         value: format!("{record_key}{KEY_SEPARATOR}{}", w.code),
                     };
-                    let item = JValue::from_iter([
-                        ("column", JValue::from(w.column.as_str())),
-                        ("code", JValue::from(w.code.as_str())),
-                        ("value", cell_value(value)),
-                    ]);
                     let ctx = self.base_context(
                         m,
                         rv.clone(),
                         &patient_key,
                         &identifier.value,
-                        Some(item),
+                        Some(wide_item(w, value)),
                     );
-                    let body = self.render_resource(m, row, &ctx, &identifier, &mut warnings)?;
+                    let body = self
+                        .render_resource(m, row, &ctx, &identifier, &mut warnings)
+                        .map_err(|e| e.in_column(&w.column))?;
                     out.push(MappedResource {
                         location: row.location.clone(),
                         mapping: m.spec.name.clone(),
@@ -666,6 +663,14 @@ impl MappingSet {
                     code: u.code.clone(),
                 };
             }
+            if let Some(u) = e.downcast_ref::<filters::UnitMismatch>() {
+                return RowError::Unit {
+                    location: row.location.clone(),
+                    column: None,
+                    unit: u.unit.clone(),
+                    expected: u.expected.clone(),
+                };
+            }
             if let Some(r) = e.downcast_ref::<filters::RequiredMissing>() {
                 return RowError::Required {
                     location: row.location.clone(),
@@ -677,6 +682,7 @@ impl MappingSet {
         RowError::Template {
             location: row.location.clone(),
             mapping: m.spec.name.clone(),
+            column: None,
             failure: Box::new(TemplateFailure::from_minijinja(err)),
         }
     }
@@ -696,19 +702,30 @@ impl MappingSet {
                 let Some(value) = row.get(&w.column).filter(|v| !v.is_null()) else {
                     continue;
                 };
-                let item = JValue::from_iter([
-                    ("column", JValue::from(w.column.as_str())),
-                    ("code", JValue::from(w.code.as_str())),
-                    ("value", cell_value(value)),
-                ]);
                 let key = format!("{record_key}{KEY_SEPARATOR}{}", w.code);
-                let ctx =
-                    self.base_context(m, RowValues::value(row), &patient_key, &key, Some(item));
-                out.push(self.render_text(m, row, &m.spec.template, &ctx)?);
+                let item = Some(wide_item(w, value));
+                let ctx = self.base_context(m, RowValues::value(row), &patient_key, &key, item);
+                let text = self
+                    .render_text(m, row, &m.spec.template, &ctx)
+                    .map_err(|e| e.in_column(&w.column))?;
+                out.push(text);
             }
         }
         Ok(out)
     }
+}
+
+/// The `item` a wide column's cell gets in its template: `column`, `code`, `value`, `unit`.
+fn wide_item(w: &spec::WideColumn, value: &Value) -> JValue {
+    JValue::from_iter([
+        ("column", JValue::from(w.column.as_str())),
+        ("code", JValue::from(w.code.as_str())),
+        ("value", cell_value(value)),
+        (
+            "unit",
+            w.unit.as_deref().map_or(JValue::from(()), JValue::from),
+        ),
+    ])
 }
 
 fn has_identifier(body: &json_doc::Node<'_>, id: &BusinessIdentifier) -> bool {

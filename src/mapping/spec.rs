@@ -20,12 +20,15 @@ pub enum MappingKind {
 }
 
 /// One column of a wide row: a non-empty cell in `column` yields one resource, and the template
-/// sees `item.code` (the local code this column stands for), `item.column` and `item.value`.
+/// sees `item.code` (the local code this column stands for), `item.column`, `item.value` and
+/// `item.unit` (the column's local unit, `none` when the mapping gives none).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WideColumn {
     pub column: String,
     pub code: String,
+    #[serde(default)]
+    pub unit: Option<String>,
 }
 
 /// The parsed form of a `mappings/*.toml` file. Paths are resolved against the file's folder.

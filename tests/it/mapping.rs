@@ -301,6 +301,82 @@ fn wide_rows_give_one_observation_per_filled_column() {
 }
 
 #[test]
+fn a_wide_column_in_other_units_than_its_code_is_rejected_naming_the_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("wide.csv"),
+        "draw_id,mrn,collected_at,hgb,creat_si\nD1,000101,2024-03-01T08:30:00,12.1,88\n",
+    )
+    .expect("write wide");
+    let lookups = repo().join("mappings/lookups");
+    let mapping = |name: &str, code: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{name}\"\nsource = \"labs_wide\"\nkind = \"resource\"\nresource_type = \"Observation\"\n\
+                 template = \"cibmtr/observation-lab.json.j2\"\ntemplate_dir = {:?}\n\
+                 patient_key = [\"mrn\"]\nrecord_key = [\"draw_id\"]\nidentifier_system = \"urn:x:{name}\"\n\
+                 [lookups]\nlab_codes = {:?}\nunits = {:?}\nresult_codes = {:?}\n\
+                 [[wide]]\ncolumn = \"hgb\"\ncode = \"HGB\"\n\
+                 [[wide]]\ncolumn = \"creat_si\"\ncode = \"{code}\"\nunit = \"umol/L\"\n",
+                repo().join("templates").display().to_string(),
+                lookups.join("lab_codes.csv").display().to_string(),
+                lookups.join("units.csv").display().to_string(),
+                lookups.join("result_codes.csv").display().to_string(),
+            ),
+        )
+        .expect("mapping");
+        path
+    };
+    // Creatinine in µmol/L under the mass-concentration code (mg/dL): refused, not relabelled.
+    let wrong = mapping("wrong", "CREAT");
+    let config = fixture(
+        dir.path(),
+        &[wrong.to_str().expect("utf-8 path")],
+        "\n[sources.labs_wide]\npath = \"wide.csv\"\n",
+    );
+    let out = dir.path().join("out");
+    let o = dry_run(&config, &out, "1");
+    assert_eq!(o.status.code(), Some(1));
+    let rejects = read(&out.join("rejects.csv"));
+    let reject = csv::Reader::from_reader(rejects.as_bytes())
+        .records()
+        .filter_map(Result::ok)
+        .find(|r| r.iter().any(|f| f.contains("wide.csv")))
+        .expect("the wide row is rejected");
+    assert_eq!(&reject[2], "creat_si");
+    assert!(
+        reject[3].starts_with("creat_si: unit \"umol/L\" is not \"mg/dL\""),
+        "{}",
+        &reject[3]
+    );
+
+    // Under the code measured in µmol/L it goes out with that code's LOINC and unit.
+    let right = mapping("right", "CREAT_SI");
+    let config = fixture(
+        dir.path(),
+        &[right.to_str().expect("utf-8 path")],
+        "\n[sources.labs_wide]\npath = \"wide.csv\"\n",
+    );
+    let o = dry_run(&config, &out, "1");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let creat = read(&out.join("Observation.ndjson"))
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["identifier"][0]["value"] == "D1:CREAT_SI")
+        .expect("the creatinine Observation");
+    assert_eq!(creat["code"]["coding"][0]["code"], "14682-9");
+    assert_eq!(creat["valueQuantity"]["code"], "umol/L");
+    assert_eq!(creat["valueQuantity"]["value"], 88);
+}
+
+#[test]
 fn render_shows_context_resource_and_validation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = fixture(dir.path(), &[], "");
