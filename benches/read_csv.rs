@@ -81,6 +81,7 @@ fn main() {
             ColumnSpec {
                 kind: k,
                 formats: vec![],
+                decimal_comma: false,
             },
         );
     }

@@ -189,6 +189,10 @@ pub struct ColumnSpec {
     /// ISO 8601 is always accepted.
     #[serde(default)]
     pub formats: Vec<String>,
+    /// Decimal columns only: text writes its decimals with a comma (`12,5`). A point is then
+    /// refused rather than guessed at, since such files use it to group thousands.
+    #[serde(default)]
+    pub decimal_comma: bool,
 }
 
 /// Which endpoint `run` talks to.
@@ -476,6 +480,15 @@ impl PipelineConfig {
                         format!("sources.{name}.columns.{column}.formats"),
                         format!(
                             "formats apply to date and datetime columns, not {}",
+                            spec.kind
+                        ),
+                    );
+                }
+                if spec.decimal_comma && spec.kind != ColumnType::Decimal {
+                    bad(
+                        format!("sources.{name}.columns.{column}.decimal_comma"),
+                        format!(
+                            "decimal_comma applies to decimal columns, not {}",
                             spec.kind
                         ),
                     );

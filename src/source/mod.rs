@@ -541,6 +541,7 @@ mod tests {
             crate::config::ColumnSpec {
                 kind: ColumnType::Datetime,
                 formats: vec![],
+                decimal_comma: false,
             },
         );
         let defaults = Defaults {
@@ -572,6 +573,7 @@ mod tests {
                 crate::config::ColumnSpec {
                     kind: ColumnType::String,
                     formats: vec![],
+                    decimal_comma: false,
                 },
             );
         }

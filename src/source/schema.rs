@@ -229,7 +229,7 @@ fn typed(cell: RawCell, spec: &ColumnSpec) -> Result<Value, CellErrorKind> {
     match spec.kind {
         ColumnType::String => to_string(cell),
         ColumnType::Integer => to_integer(cell),
-        ColumnType::Decimal => to_decimal(cell),
+        ColumnType::Decimal => to_decimal(cell, spec.decimal_comma),
         ColumnType::Boolean => to_boolean(cell),
         ColumnType::Date => to_date(cell, &spec.formats),
         ColumnType::Datetime => to_datetime(cell, &spec.formats),
@@ -283,18 +283,38 @@ fn to_integer(cell: RawCell) -> Result<Value, CellErrorKind> {
     }
 }
 
-fn to_decimal(cell: RawCell) -> Result<Value, CellErrorKind> {
+fn to_decimal(cell: RawCell, decimal_comma: bool) -> Result<Value, CellErrorKind> {
     let expected = ColumnType::Decimal;
     match cell {
         RawCell::Int(i) => Ok(Value::Decimal(Decimal::from(i))),
         RawCell::Float(f) => spreadsheet_decimal(f).map(Value::Decimal),
         RawCell::Decimal(d) => Ok(Value::Decimal(d)),
-        RawCell::Text(s) => parse_decimal(&s)
-            .map(Value::Decimal)
-            .ok_or(CellErrorKind::Type {
+        RawCell::Text(s) if decimal_comma => {
+            if s.contains('.') {
+                return Err(type_error(
+                    expected,
+                    "decimal_comma is set, so a point is refused (it may group thousands); \
+                     write decimals as 12,5 and no grouping",
+                ));
+            }
+            parse_decimal(&s.replacen(',', ".", 1))
+                .map(Value::Decimal)
+                .ok_or(CellErrorKind::Type {
+                    expected,
+                    hint: Some("a number like 12,5".into()),
+                })
+        }
+        RawCell::Text(s) => parse_decimal(&s).map(Value::Decimal).ok_or_else(|| {
+            let t = s.trim();
+            let comma_decimal =
+                t.matches(',').count() == 1 && t.replace(',', "").parse::<Decimal>().is_ok();
+            CellErrorKind::Type {
                 expected,
-                hint: None,
-            }),
+                hint: comma_decimal.then(|| {
+                    "a decimal comma? set decimal_comma = true on this column".to_string()
+                }),
+            }
+        }),
         other => Err(type_error(expected, found(&other))),
     }
 }
@@ -422,6 +442,7 @@ mod tests {
                     ColumnSpec {
                         kind: *k,
                         formats: f.iter().map(|s| s.to_string()).collect(),
+                        decimal_comma: false,
                     },
                 )
             })
@@ -511,6 +532,41 @@ mod tests {
             Ok(d("0.3"))
         );
         assert!(one(ColumnType::Decimal, &[], RawCell::Float(f64::NAN)).is_err());
+    }
+
+    #[test]
+    fn decimal_commas_are_read_only_when_declared_and_a_point_is_then_refused() {
+        let d = |s: &str| Value::Decimal(s.parse().expect("decimal"));
+        let comma = |cell: RawCell| {
+            let header = Arc::new(Header::new(["c"]));
+            let specs = BTreeMap::from([(
+                "c".to_string(),
+                ColumnSpec {
+                    kind: ColumnType::Decimal,
+                    formats: Vec::new(),
+                    decimal_comma: true,
+                },
+            )]);
+            let s = Schema::new(&header, &specs, Vec::new(), chrono_tz::UTC);
+            let row = s.apply(loc(), &header, vec![cell]);
+            match row.errors.first() {
+                Some(e) => Err(e.to_string()),
+                None => Ok(row.values[0].clone()),
+            }
+        };
+        assert_eq!(comma(text("12,50")), Ok(d("12.50")));
+        assert_eq!(comma(text(" -0,5 ")), Ok(d("-0.5")));
+        assert_eq!(comma(text("88")), Ok(d("88")));
+        // Spreadsheet numbers are numbers whatever the column says about text.
+        assert_eq!(comma(RawCell::Float(2.25)), Ok(d("2.25")));
+        let point = comma(text("1.234")).expect_err("a point is refused");
+        assert!(point.contains("decimal_comma is set"), "{point}");
+        assert!(comma(text("1,2,3")).is_err());
+        // Undeclared, a decimal comma is an error that says what to set.
+        let hint = one(ColumnType::Decimal, &[], text("12,0")).expect_err("comma");
+        assert!(hint.contains("set decimal_comma = true"), "{hint}");
+        let plain = one(ColumnType::Decimal, &[], text("twelve")).expect_err("text");
+        assert!(!plain.contains("decimal_comma"), "{plain}");
     }
 
     #[test]

@@ -303,6 +303,7 @@ fn spec(kind: ColumnType, formats: &[&str]) -> ColumnSpec {
     ColumnSpec {
         kind,
         formats: formats.iter().map(|s| s.to_string()).collect(),
+        decimal_comma: false,
     }
 }
 
