@@ -86,13 +86,19 @@ pub fn run(args: RenderArgs) -> CommandResult {
         println!("cell error: {e}");
     }
     if let Ok(outputs) = set.render_debug(index, &row) {
-        for (i, text) in outputs.iter().enumerate() {
+        for (i, output) in outputs.iter().enumerate() {
             println!(
                 "== Template output {} ({})",
                 i + 1,
                 set.mappings()[index].spec.template
             );
-            println!("{}", text.trim_end());
+            if let Some(item) = &output.item {
+                println!("item: {item}");
+            }
+            match &output.text {
+                Ok(text) => println!("{}", text.trim_end()),
+                Err(e) => println!("failed: {}", e.reason()),
+            }
         }
     }
     match set.map_row(index, &row) {

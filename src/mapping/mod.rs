@@ -688,31 +688,47 @@ impl MappingSet {
     }
 
     /// Renders one row for `fhirlift render`: the raw rendered text of each resource template
-    /// (so a broken template can be seen as it came out), then the full mapping result.
-    pub fn render_debug(&self, index: usize, row: &Row) -> Result<Vec<String>, RowError> {
+    /// (so a broken template can be seen as it came out), one per filled wide column with the
+    /// `item` it saw; then the full mapping result.
+    pub fn render_debug(&self, index: usize, row: &Row) -> Result<Vec<DebugOutput>, RowError> {
         let m = &self.mappings[index];
         let patient_key = key_of(row, &m.spec.patient_key, "patient key")?;
         let record_key = key_of(row, &m.spec.record_key, "record key")?;
         let mut out = Vec::new();
         if m.spec.wide.is_empty() {
             let ctx = self.base_context(m, RowValues::value(row), &patient_key, &record_key, None);
-            out.push(self.render_text(m, row, &m.spec.template, &ctx)?);
+            out.push(DebugOutput {
+                item: None,
+                text: self.render_text(m, row, &m.spec.template, &ctx),
+            });
         } else {
             for w in &m.spec.wide {
                 let Some(value) = row.get(&w.column).filter(|v| !v.is_null()) else {
                     continue;
                 };
                 let key = format!("{record_key}{KEY_SEPARATOR}{}", w.code);
-                let item = Some(wide_item(w, value));
-                let ctx = self.base_context(m, RowValues::value(row), &patient_key, &key, item);
-                let text = self
-                    .render_text(m, row, &m.spec.template, &ctx)
-                    .map_err(|e| e.in_column(&w.column))?;
-                out.push(text);
+                let item = wide_item(w, value);
+                let shown = serde_json::to_value(&item).ok();
+                let ctx =
+                    self.base_context(m, RowValues::value(row), &patient_key, &key, Some(item));
+                out.push(DebugOutput {
+                    item: shown,
+                    text: self
+                        .render_text(m, row, &m.spec.template, &ctx)
+                        .map_err(|e| e.in_column(&w.column)),
+                });
             }
         }
         Ok(out)
     }
+}
+
+/// One template output for `fhirlift render`.
+pub struct DebugOutput {
+    /// The `item` a wide column gave the template.
+    pub item: Option<serde_json::Value>,
+    /// The rendered text, or why rendering failed.
+    pub text: Result<String, RowError>,
 }
 
 /// The `item` a wide column's cell gets in its template: `column`, `code`, `value`, `unit`.

@@ -277,6 +277,18 @@ fn wide_rows_give_one_observation_per_filled_column() {
         "{stderr}"
     );
     assert!(String::from_utf8_lossy(&v.stdout).contains(": OK, 6 warnings"));
+    // `render` shows the item each filled column gives the template.
+    let r = fhirlift()
+        .args(["render", "--mapping", "labs-wide", "--row", "2"])
+        .arg(&config)
+        .output()
+        .expect("render");
+    let shown = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        shown.contains(r#"item: {"column":"plt","code":"PLT","value":"250","unit":null}"#),
+        "{shown}"
+    );
+    assert_eq!(shown.matches("== Template output").count(), 3, "{shown}");
     let out = dir.path().join("out");
     let o = dry_run(&config, &out, "2");
     assert_eq!(
