@@ -413,7 +413,12 @@ pub fn to_decimal(value: &Value) -> Result<Option<Decimal>, Error> {
         return Decimal::from_str(s.trim())
             .or_else(|_| Decimal::from_scientific(s.trim()))
             .map(Some)
-            .map_err(|_| invalid("value is not a number"));
+            .map_err(|_| {
+                invalid(
+                    "text that is not a number: declare the column `decimal` in the source's \
+                     columns (with `decimal_comma = true` for 12,5)",
+                )
+            });
     }
     if let Some(i) = value.as_i64() {
         return Ok(Some(Decimal::from(i)));
