@@ -415,8 +415,8 @@ pub fn to_decimal(value: &Value) -> Result<Option<Decimal>, Error> {
             .map(Some)
             .map_err(|_| {
                 invalid(
-                    "text that is not a number: declare the column `decimal` in the source's \
-                     columns (with `decimal_comma = true` for 12,5)",
+                    "text that is not a number (a column that holds only numbers can be \
+                     declared `decimal`, with `decimal_comma = true` for 12,5)",
                 )
             });
     }

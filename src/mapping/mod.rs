@@ -336,8 +336,20 @@ impl MappingSet {
             }
         }
         out.sort();
-        out.dedup_by(|a, b| a.0 == b.0);
-        out
+        out.dedup();
+        // One line per column, naming every place that reads it, so that fixing one template
+        // does not reveal the same column in the next.
+        let mut joined: Vec<(String, String)> = Vec::with_capacity(out.len());
+        for (column, place) in out {
+            match joined.last_mut() {
+                Some((c, places)) if *c == column => {
+                    places.push_str(", ");
+                    places.push_str(&place);
+                }
+                _ => joined.push((column, place)),
+            }
+        }
+        joined
     }
 
     /// Opens each mapping's source (header only) and checks that every column it names exists.
@@ -377,7 +389,8 @@ impl MappingSet {
                     continue;
                 }
                 let missing = format!("column {column:?} is not in source {:?}", m.spec.source);
-                if !m.spec.wide.is_empty() && place.starts_with("template ") {
+                let only_templates = place.split(", ").all(|p| p.starts_with("template "));
+                if !m.spec.wide.is_empty() && only_templates {
                     check.warnings.push(MappingError::Invalid {
                         path: m.spec.file.clone(),
                         key: place,

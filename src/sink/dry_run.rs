@@ -31,8 +31,8 @@ pub const MANIFEST: &str = "manifest.json";
 /// The CRID requests file's name.
 pub const CRID_REQUESTS: &str = "crid-requests.ndjson";
 
-/// Files that hold personal data beyond what FHIR resources carry (names, SSN, raw cells).
-const PERSONAL_FILES: [&str; 2] = [CRID_REQUESTS, "rejects.csv"];
+/// Files that hold direct identifiers, which the FHIR resources leave out (names, SSN, raw cells).
+const IDENTIFYING_FILES: [&str; 2] = [CRID_REQUESTS, "rejects.csv"];
 
 #[derive(Clone, Debug)]
 pub struct DryRunOptions {
@@ -349,8 +349,9 @@ pub struct ManifestFile {
     pub path: String,
     pub bytes: u64,
     pub sha256: String,
-    /// Holds personal data beyond the FHIR resources (names, SSN, raw source cells).
-    pub personal_data: bool,
+    /// Holds direct identifiers (names, SSN, raw source cells). Every file of a dry run holds
+    /// patient data (the resources have birth dates, for one); these hold more.
+    pub direct_identifiers: bool,
 }
 
 /// `manifest.json`.
@@ -383,7 +384,7 @@ pub fn write_manifest(
         files.push(ManifestFile {
             bytes: std::fs::metadata(&full)?.len(),
             sha256: sha256_file(&full)?,
-            personal_data: PERSONAL_FILES.contains(&rel.as_str()),
+            direct_identifiers: IDENTIFYING_FILES.contains(&rel.as_str()),
             path: rel,
         });
     }

@@ -697,6 +697,31 @@ fn validate_names_a_template_column_missing_from_the_source() {
     );
 }
 
+#[test]
+fn validate_names_every_template_that_reads_a_missing_column_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = fixture(dir.path(), &[], "");
+    // Both patient templates read `sex`; rename that column in the file.
+    let patients = PATIENTS.replacen(",sex,", ",gender,", 1);
+    std::fs::write(dir.path().join("patients.csv"), patients).expect("patients");
+    let o = fhirlift()
+        .arg("validate")
+        .arg(&config)
+        .output()
+        .expect("validate");
+    assert_eq!(o.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("column \"sex\""))
+        .expect("the sex column is named");
+    assert!(
+        line.contains("template cibmtr/crid-patient.json.j2, template cibmtr/patient.json.j2"),
+        "{line}"
+    );
+    assert_eq!(stderr.matches("column \"sex\"").count(), 1, "{stderr}");
+}
+
 /// The fenced block of `lang` that follows `after` in templates/README.md.
 fn guide_block(after: &str, lang: &str) -> String {
     let guide = read(&repo().join("templates/README.md"));
