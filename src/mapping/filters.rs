@@ -497,6 +497,34 @@ pub fn quantity(
     Ok(super::json::JsonMap::value(members))
 }
 
+/// `row.result | split_comparator` — a result written with its comparator in one cell (`<35`,
+/// `>= 1000`) as `{"comparator": "<", "value": "35"}`, for `quantity`'s `comparator`. Text
+/// without one gives `comparator` none and the text; a number gives `comparator` none and the
+/// number; `none` stays `none`.
+pub fn split_comparator(value: Value) -> Result<Value, Error> {
+    if is_empty(&value) {
+        return Ok(Value::from(()));
+    }
+    let Some(text) = value.as_str() else {
+        return Ok(super::json::JsonMap::value([
+            ("comparator", Value::from(())),
+            ("value", value),
+        ]));
+    };
+    let text = text.trim();
+    let (comparator, rest) = ["<=", ">=", "<", ">"]
+        .iter()
+        .find_map(|c| {
+            text.strip_prefix(c)
+                .map(|rest| (Value::from(*c), rest.trim_start()))
+        })
+        .unwrap_or((Value::from(()), text));
+    Ok(super::json::JsonMap::value([
+        ("comparator", comparator),
+        ("value", Value::from(rest)),
+    ]))
+}
+
 /// `key | uuid5("Observation")` — a deterministic UUID (v5, in fhirlift's namespace) of a kind
 /// and a key: the same key always gives the same id, different kinds never collide.
 pub fn uuid5(key: Value, kind: Option<&str>) -> Result<Value, Error> {
@@ -730,6 +758,49 @@ mod tests {
         let kw = minijinja::value::Kwargs::from_iter([("unit", Value::from("grams/dL"))]);
         let q = quantity(Value::from("1"), "g/dL", kw).expect("unit");
         assert_eq!(q.get_attr("unit").expect("u").as_str(), Some("grams/dL"));
+    }
+
+    #[test]
+    fn split_comparator_takes_the_comparator_off_the_front() {
+        let parts = |v: Value| {
+            let r = split_comparator(v).expect("split");
+            (
+                r.get_attr("comparator")
+                    .expect("c")
+                    .as_str()
+                    .map(str::to_string),
+                r.get_attr("value").expect("v").to_string(),
+            )
+        };
+        assert_eq!(parts(Value::from("<35")), (Some("<".into()), "35".into()));
+        assert_eq!(
+            parts(Value::from(" >= 1000 ")),
+            (Some(">=".into()), "1000".into())
+        );
+        assert_eq!(
+            parts(Value::from("<=0.5")),
+            (Some("<=".into()), "0.5".into())
+        );
+        assert_eq!(parts(Value::from("12.5")), (None, "12.5".into()));
+        assert_eq!(parts(Value::from("Detected")), (None, "Detected".into()));
+        assert_eq!(parts(Value::from(7)), (None, "7".into()));
+        assert!(split_comparator(Value::from(())).expect("none").is_none());
+        assert!(
+            split_comparator(Value::from("  "))
+                .expect("blank")
+                .is_none()
+        );
+        // In a template, feeding `quantity`.
+        let mut env = Environment::new();
+        env.add_filter("split_comparator", split_comparator);
+        env.add_filter("quantity", quantity);
+        let out = env
+            .render_str(
+                "{% set r = v | split_comparator %}{{ r.value | quantity('[IU]/mL', comparator=r.comparator) }}",
+                minijinja::context! { v => "<35" },
+            )
+            .expect("render");
+        assert!(out.contains("35") && out.contains('<'), "{out}");
     }
 
     #[test]
