@@ -24,14 +24,16 @@ pub const CRID_PENDING: &str = "pending";
 /// Namespace for deterministic placeholder and identifier UUIDs (UUID v5).
 pub const FHIRLIFT_NAMESPACE: Uuid = Uuid::from_u128(0x6d1c_2f0e_8a3b_4c55_9e47_0b1f_7a2d_c3e9);
 
-/// The deterministic placeholder reference for a patient key.
+/// The deterministic placeholder reference for a patient key: `urn:uuid:` and [`patient_uuid`].
 pub fn patient_placeholder(patient_key: &str) -> String {
-    format!(
-        "urn:uuid:{}",
-        Uuid::new_v5(
-            &FHIRLIFT_NAMESPACE,
-            format!("patient:{patient_key}").as_bytes()
-        )
+    format!("urn:uuid:{}", patient_uuid(patient_key))
+}
+
+/// The UUID of a patient key's placeholder (v5, in fhirlift's namespace).
+pub fn patient_uuid(patient_key: &str) -> Uuid {
+    Uuid::new_v5(
+        &FHIRLIFT_NAMESPACE,
+        format!("patient:{patient_key}").as_bytes(),
     )
 }
 

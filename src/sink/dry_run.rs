@@ -11,7 +11,7 @@
 //! it by its placeholder, which is the Patient entry's `fullUrl`), several such patients share a
 //! Bundle, and a patient with more goes on its own while its resources fill Bundles of their own.
 //! They are written at the end, from the NDJSON files: only each resource's place in its file is
-//! kept until then.
+//! kept until then (32 bytes per resource).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -50,18 +50,20 @@ struct NdjsonFile {
     len: u64,
 }
 
-/// A written resource, as a Bundle entry will need it: its file, its line's place in the file and
-/// its `fullUrl`.
+/// A written resource, as a Bundle entry will need it: its file (an index into
+/// [`BundlePlan::types`]), its line's place in the file and the UUID of its `fullUrl`. 32 bytes.
 struct Placed {
-    resource_type: String,
     offset: u64,
-    len: usize,
-    full_url: String,
+    len: u32,
+    type_index: u32,
+    full_url: uuid::Uuid,
 }
 
 /// What the Bundles will hold, gathered while the NDJSON files are written.
 #[derive(Default)]
 struct BundlePlan {
+    /// The resource types seen, in the order seen.
+    types: Vec<String>,
     /// Patients in the order written, with their keys.
     patients: Vec<(String, Placed)>,
     /// Other resources per patient key, in the order written.
@@ -151,11 +153,21 @@ impl DryRunSink {
         Ok((RowOutcome::written(r), offset))
     }
 
-    fn placed(r: &MappedResource, offset: u64, full_url: String) -> Placed {
+    fn placed(&mut self, r: &MappedResource, offset: u64, full_url: uuid::Uuid) -> Placed {
+        let types = &mut self.plan.types;
+        let type_index = match types.iter().position(|t| *t == r.resource_type) {
+            Some(i) => i,
+            None => {
+                types.push(r.resource_type.clone());
+                types.len() - 1
+            }
+        };
         Placed {
-            resource_type: r.resource_type.clone(),
             offset,
-            len: r.body.as_str().len(),
+            // A line longer than 4 GiB cannot be a resource a server accepts; it would fail
+            // when read back rather than be cut.
+            len: u32::try_from(r.body.as_str().len()).unwrap_or(u32::MAX),
+            type_index: type_index as u32,
             full_url,
         }
     }
@@ -164,7 +176,10 @@ impl DryRunSink {
     /// documentation.
     fn write_bundles(&mut self) -> Result<(), SinkError> {
         let plan = std::mem::take(&mut self.plan);
-        let mut files: HashMap<String, std::fs::File> = HashMap::new();
+        let mut files = Reopened {
+            types: plan.types,
+            open: HashMap::new(),
+        };
         let mut resources = plan.resources;
         for (key, patient) in plan.patients {
             let own = resources.remove(&key).unwrap_or_default();
@@ -192,11 +207,7 @@ impl DryRunSink {
     }
 
     /// One patient's resources in Bundles of their own.
-    fn push_own_bundles(
-        &mut self,
-        files: &mut HashMap<String, std::fs::File>,
-        own: &[Placed],
-    ) -> Result<(), SinkError> {
+    fn push_own_bundles(&mut self, files: &mut Reopened, own: &[Placed]) -> Result<(), SinkError> {
         for chunk in own.chunks(BUNDLE_MAX) {
             for r in chunk {
                 self.push_entry(files, r)?;
@@ -207,22 +218,23 @@ impl DryRunSink {
     }
 
     /// Reads a resource back from its NDJSON file into the next Bundle's entries.
-    fn push_entry(
-        &mut self,
-        files: &mut HashMap<String, std::fs::File>,
-        placed: &Placed,
-    ) -> Result<(), SinkError> {
-        let name = format!("{}.ndjson", placed.resource_type);
+    fn push_entry(&mut self, files: &mut Reopened, placed: &Placed) -> Result<(), SinkError> {
+        let resource_type = files
+            .types
+            .get(placed.type_index as usize)
+            .cloned()
+            .unwrap_or_default();
+        let name = format!("{resource_type}.ndjson");
         let err = |e| SinkError::Io {
             path: self.dir.join(&name),
             source: e,
         };
-        if !files.contains_key(&placed.resource_type) {
+        if !files.open.contains_key(&placed.type_index) {
             let f = std::fs::File::open(self.dir.join(&name)).map_err(err)?;
-            files.insert(placed.resource_type.clone(), f);
+            files.open.insert(placed.type_index, f);
         }
-        let mut text = vec![0; placed.len];
-        if let Some(f) = files.get_mut(&placed.resource_type) {
+        let mut text = vec![0; placed.len as usize];
+        if let Some(f) = files.open.get_mut(&placed.type_index) {
             f.seek(SeekFrom::Start(placed.offset))
                 .and_then(|_| f.read_exact(&mut text))
                 .map_err(err)?;
@@ -230,9 +242,9 @@ impl DryRunSink {
         let resource: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         self.bundle_entries.push(serde_json::json!({
-            "fullUrl": placed.full_url,
+            "fullUrl": format!("urn:uuid:{}", placed.full_url),
             "resource": resource,
-            "request": {"method": "POST", "url": placed.resource_type},
+            "request": {"method": "POST", "url": resource_type},
         }));
         Ok(())
     }
@@ -257,18 +269,21 @@ impl DryRunSink {
     }
 }
 
-/// The `fullUrl` of a non-Patient resource in a Bundle: a UUID of its business identifier.
-fn resource_full_url(r: &MappedResource) -> String {
-    format!(
-        "urn:uuid:{}",
-        uuid::Uuid::new_v5(
-            &crate::resource::FHIRLIFT_NAMESPACE,
-            format!(
-                "{}:{}|{}",
-                r.resource_type, r.identifier.system, r.identifier.value
-            )
-            .as_bytes()
+/// The NDJSON files read back for the Bundles, by type index.
+struct Reopened {
+    types: Vec<String>,
+    open: HashMap<u32, std::fs::File>,
+}
+
+/// The UUID of a non-Patient resource's `fullUrl` in a Bundle, from its business identifier.
+fn resource_full_url(r: &MappedResource) -> uuid::Uuid {
+    uuid::Uuid::new_v5(
+        &crate::resource::FHIRLIFT_NAMESPACE,
+        format!(
+            "{}:{}|{}",
+            r.resource_type, r.identifier.system, r.identifier.value
         )
+        .as_bytes(),
     )
 }
 
@@ -280,8 +295,8 @@ impl Sink for DryRunSink {
             out.push(outcome);
             if self.opts.bundles {
                 let key = p.resource.patient_key.clone();
-                let url = crate::resource::patient_placeholder(&key);
-                let placed = Self::placed(&p.resource, offset, url);
+                let url = crate::resource::patient_uuid(&key);
+                let placed = self.placed(&p.resource, offset, url);
                 self.plan.patients.push((key, placed));
             }
             if let Some(demographics) = &p.crid_demographics {
@@ -310,7 +325,7 @@ impl Sink for DryRunSink {
             let (outcome, offset) = self.write_resource(r)?;
             out.push(outcome);
             if self.opts.bundles {
-                let placed = Self::placed(r, offset, resource_full_url(r));
+                let placed = self.placed(r, offset, resource_full_url(r));
                 match self.plan.resources.get_mut(&r.patient_key) {
                     Some(list) => list.push(placed),
                     None => {
