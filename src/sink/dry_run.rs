@@ -229,16 +229,16 @@ impl DryRunSink {
             path: self.dir.join(&name),
             source: e,
         };
-        if !files.open.contains_key(&placed.type_index) {
-            let f = std::fs::File::open(self.dir.join(&name)).map_err(err)?;
-            files.open.insert(placed.type_index, f);
-        }
+        let f = match files.open.entry(placed.type_index) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(std::fs::File::open(self.dir.join(&name)).map_err(err)?)
+            }
+        };
         let mut text = vec![0; placed.len as usize];
-        if let Some(f) = files.open.get_mut(&placed.type_index) {
-            f.seek(SeekFrom::Start(placed.offset))
-                .and_then(|_| f.read_exact(&mut text))
-                .map_err(err)?;
-        }
+        f.seek(SeekFrom::Start(placed.offset))
+            .and_then(|_| f.read_exact(&mut text))
+            .map_err(err)?;
         let resource: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         self.bundle_entries.push(serde_json::json!({
