@@ -82,6 +82,7 @@ fn main() {
                 kind: k,
                 formats: vec![],
                 decimal_comma: false,
+                pad_zeros: None,
             },
         );
     }

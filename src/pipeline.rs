@@ -139,6 +139,7 @@ pub fn run(
         rejects,
         patients: HashMap::new(),
         rejected_patients: HashMap::new(),
+        loose_patients: Default::default(),
         have_patient_mapping: set
             .mappings()
             .iter()
@@ -232,6 +233,9 @@ struct RunState<'a> {
     /// Patient key → the row where that patient was rejected (for a precise reason on its
     /// resources).
     rejected_patients: HashMap<String, RowLocation>,
+    /// Mapped patient keys by their [`loose_key`], built when a key is first not found (and
+    /// rebuilt if patients were added since): how many patients it covers, and the index.
+    loose_patients: std::cell::RefCell<(usize, HashMap<String, String>)>,
     have_patient_mapping: bool,
     progress: indicatif::ProgressBar,
     known_rows: Option<Arc<dyn KnownRows>>,
@@ -550,6 +554,7 @@ impl RunState<'_> {
                 location: location.clone(),
                 column: key_column.to_string(),
                 key: patient_key.to_string(),
+                similar: self.similar_patient(patient_key),
                 rejected_at: self
                     .rejected_patients
                     .get(patient_key)
@@ -558,6 +563,39 @@ impl RunState<'_> {
         }
         Ok(())
     }
+}
+
+impl RunState<'_> {
+    /// A mapped patient whose key differs from `key` only in leading zeros, case or spaces.
+    fn similar_patient(&self, key: &str) -> Option<String> {
+        let mut loose = self.loose_patients.borrow_mut();
+        if loose.0 != self.patients.len() {
+            let index = self
+                .patients
+                .keys()
+                .map(|k| (loose_key(k), k.clone()))
+                .collect();
+            *loose = (self.patients.len(), index);
+        }
+        loose.1.get(&loose_key(key)).cloned()
+    }
+}
+
+/// A patient key without leading zeros, surrounding spaces or case, part by part: what a key
+/// typed as a number in one file and as text in another still share.
+fn loose_key(key: &str) -> String {
+    key.split(crate::mapping::KEY_SEPARATOR)
+        .map(|part| {
+            let part = part.trim();
+            let digits = part.trim_start_matches('0');
+            if digits.is_empty() && !part.is_empty() {
+                "0".to_string()
+            } else {
+                digits.to_lowercase()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(crate::mapping::KEY_SEPARATOR)
 }
 
 /// The sha256 (hex) of a config file's bytes.

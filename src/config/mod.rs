@@ -193,6 +193,10 @@ pub struct ColumnSpec {
     /// refused rather than guessed at, since such files use it to group thousands.
     #[serde(default)]
     pub decimal_comma: bool,
+    /// String columns only: a value of digits shorter than this gets leading zeros up to it. For
+    /// keys like `00042` that some cells of a workbook hold as the number 42.
+    #[serde(default)]
+    pub pad_zeros: Option<u8>,
 }
 
 /// Which endpoint `run` talks to.
@@ -483,6 +487,19 @@ impl PipelineConfig {
                             spec.kind
                         ),
                     );
+                }
+                if let Some(width) = spec.pad_zeros {
+                    if spec.kind != ColumnType::String {
+                        bad(
+                            format!("sources.{name}.columns.{column}.pad_zeros"),
+                            format!("pad_zeros applies to string columns, not {}", spec.kind),
+                        );
+                    } else if !(1..=40).contains(&width) {
+                        bad(
+                            format!("sources.{name}.columns.{column}.pad_zeros"),
+                            format!("{width} is not a width from 1 to 40"),
+                        );
+                    }
                 }
                 if spec.decimal_comma && spec.kind != ColumnType::Decimal {
                     bad(

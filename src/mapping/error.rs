@@ -183,6 +183,8 @@ pub enum RowError {
         location: RowLocation,
         column: String,
         key: String,
+        /// A mapped patient's key that differs only in leading zeros, case or spaces.
+        similar: Option<String>,
         /// Where the patient's own row was rejected, when it was.
         rejected_at: Option<Box<RowLocation>>,
     },
@@ -340,11 +342,19 @@ impl RowError {
             RowError::UnknownPatient {
                 column,
                 key,
+                similar,
                 rejected_at: None,
                 ..
             } => format!(
-                "{}patient {key:?} is not among the patients mapped in this run",
-                col(column)
+                "{}patient {key:?} is not among the patients mapped in this run{}",
+                col(column),
+                similar
+                    .as_deref()
+                    .map(|s| format!(
+                        "; patient {s:?} is: are leading zeros lost in one of the files? \
+                         (`pad_zeros = N` on a key column restores them)"
+                    ))
+                    .unwrap_or_default()
             ),
             RowError::UnknownPatient {
                 column,

@@ -542,6 +542,7 @@ mod tests {
                 kind: ColumnType::Datetime,
                 formats: vec![],
                 decimal_comma: false,
+                pad_zeros: None,
             },
         );
         let defaults = Defaults {
@@ -574,6 +575,7 @@ mod tests {
                     kind: ColumnType::String,
                     formats: vec![],
                     decimal_comma: false,
+                    pad_zeros: None,
                 },
             );
         }

@@ -227,7 +227,10 @@ fn native(cell: RawCell) -> Result<Value, CellErrorKind> {
 /// A value converted to a declared type.
 fn typed(cell: RawCell, spec: &ColumnSpec) -> Result<Value, CellErrorKind> {
     match spec.kind {
-        ColumnType::String => to_string(cell),
+        ColumnType::String => to_string(cell).map(|v| match (v, spec.pad_zeros) {
+            (Value::Text(s), Some(width)) => Value::Text(pad_zeros(s, usize::from(width))),
+            (v, _) => v,
+        }),
         ColumnType::Integer => to_integer(cell),
         ColumnType::Decimal => to_decimal(cell, spec.decimal_comma),
         ColumnType::Boolean => to_boolean(cell),
@@ -244,6 +247,15 @@ fn to_string(cell: RawCell) -> Result<Value, CellErrorKind> {
             v => Value::Text(v.to_string()),
         },
     })
+}
+
+/// Digits shorter than `width` with leading zeros added; anything else as it is.
+fn pad_zeros(s: String, width: usize) -> String {
+    let digits = s.trim();
+    if digits.is_empty() || digits.len() >= width || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return s;
+    }
+    format!("{digits:0>width$}")
 }
 
 fn parse_decimal(text: &str) -> Option<Decimal> {
@@ -443,6 +455,7 @@ mod tests {
                         kind: *k,
                         formats: f.iter().map(|s| s.to_string()).collect(),
                         decimal_comma: false,
+                        pad_zeros: None,
                     },
                 )
             })
@@ -545,6 +558,7 @@ mod tests {
                     kind: ColumnType::Decimal,
                     formats: Vec::new(),
                     decimal_comma: true,
+                    pad_zeros: None,
                 },
             )]);
             let s = Schema::new(&header, &specs, Vec::new(), chrono_tz::UTC);
@@ -567,6 +581,32 @@ mod tests {
         assert!(hint.contains("set decimal_comma = true"), "{hint}");
         let plain = one(ColumnType::Decimal, &[], text("twelve")).expect_err("text");
         assert!(!plain.contains("decimal_comma"), "{plain}");
+    }
+
+    #[test]
+    fn pad_zeros_gives_numbers_and_short_digit_text_their_leading_zeros() {
+        let padded = |cell: RawCell| {
+            let header = Arc::new(Header::new(["c"]));
+            let specs = BTreeMap::from([(
+                "c".to_string(),
+                ColumnSpec {
+                    kind: ColumnType::String,
+                    formats: Vec::new(),
+                    decimal_comma: false,
+                    pad_zeros: Some(5),
+                },
+            )]);
+            let s = Schema::new(&header, &specs, Vec::new(), chrono_tz::UTC);
+            s.apply(loc(), &header, vec![cell]).values[0].clone()
+        };
+        let t = |s: &str| Value::Text(s.into());
+        assert_eq!(padded(RawCell::Int(42)), t("00042"));
+        assert_eq!(padded(RawCell::Float(42.0)), t("00042"));
+        assert_eq!(padded(text("42")), t("00042"));
+        assert_eq!(padded(text("00042")), t("00042"));
+        assert_eq!(padded(text("123456")), t("123456"));
+        assert_eq!(padded(text("A42")), t("A42"));
+        assert_eq!(padded(RawCell::Empty), Value::Null);
     }
 
     #[test]

@@ -389,6 +389,40 @@ fn a_wide_column_in_other_units_than_its_code_is_rejected_naming_the_column() {
 }
 
 #[test]
+fn keys_that_lost_their_leading_zeros_are_named_and_pad_zeros_restores_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = fixture(dir.path(), &[], "");
+    // Lab A0000003's patient key written as a number would be: 102, not 000102.
+    let labs = LABS.replacen("A0000003,000102,", "A0000003,102,", 1);
+    std::fs::write(dir.path().join("labs.csv"), &labs).expect("labs");
+    let out = dir.path().join("out");
+    let o = dry_run(&config, &out, "1");
+    assert_eq!(o.status.code(), Some(1));
+    let rejects = read(&out.join("rejects.csv"));
+    let reject = csv::Reader::from_reader(rejects.as_bytes())
+        .records()
+        .filter_map(Result::ok)
+        .find(|r| &r[0] == "labs.csv:4")
+        .expect("the lab is rejected");
+    assert_eq!(
+        &reject[3],
+        "mrn: patient \"102\" is not among the patients mapped in this run; patient \"000102\" is: are leading zeros lost in one of the files? (`pad_zeros = N` on a key column restores them)"
+    );
+
+    // With the key column padded, the lab finds its patient.
+    let text = read(&config).replace(
+        "[sources.labs.columns]\n",
+        "[sources.labs.columns]\nmrn = { type = \"string\", pad_zeros = 6 }\n",
+    );
+    std::fs::write(&config, text).expect("config");
+    let o = dry_run(&config, &out, "1");
+    assert_eq!(o.status.code(), Some(1));
+    let rejects = read(&out.join("rejects.csv"));
+    assert!(!rejects.contains("labs.csv:4,"), "{rejects}");
+    assert!(read(&out.join("Observation.ndjson")).contains("A0000003"));
+}
+
+#[test]
 fn render_shows_context_resource_and_validation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = fixture(dir.path(), &[], "");

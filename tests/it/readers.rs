@@ -304,6 +304,7 @@ fn spec(kind: ColumnType, formats: &[&str]) -> ColumnSpec {
         kind,
         formats: formats.iter().map(|s| s.to_string()).collect(),
         decimal_comma: false,
+        pad_zeros: None,
     }
 }
 
