@@ -76,7 +76,7 @@ pub enum SourceError {
         "{location}: header {name:?} is not valid text in the file's encoding; set the source's encoding (e.g. \"windows-1252\")"
     )]
     UndecodableHeader { location: RowLocation, name: String },
-    #[error("{file}: declared column(s) {} not in the header (columns: {})", quoted(.missing), quoted(.available))]
+    #[error("{file}: declared column(s) {} not in the header (columns: {}); if the header is on a later row, set the source's header_row", quoted(.missing), quoted(.available))]
     MissingColumns {
         file: String,
         missing: Vec<String>,
@@ -145,7 +145,9 @@ pub enum RowErrorKind {
         byte_offset: usize,
     },
     /// A spreadsheet cell holds a value in a column that has no header.
-    #[error("column {position} holds a value but has no header")]
+    #[error(
+        "column {position} holds a value but has no header (if the header is on a later row, set the source's header_row)"
+    )]
     OutsideHeader { position: usize },
 }
 
@@ -582,7 +584,7 @@ mod tests {
         let err = open("t", &cfg, &Defaults::default()).expect_err("missing columns");
         assert_eq!(
             err.to_string(),
-            "t.csv: declared column(s) \"x\", \"y\" not in the header (columns: \"a\", \"b\")"
+            "t.csv: declared column(s) \"x\", \"y\" not in the header (columns: \"a\", \"b\"); if the header is on a later row, set the source's header_row"
         );
     }
 }
