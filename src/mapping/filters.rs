@@ -525,6 +525,35 @@ pub fn split_comparator(value: Value) -> Result<Value, Error> {
     ]))
 }
 
+/// `row.ssn | ssn` — a US Social Security number as the CRID service takes it, `###-##-####`,
+/// from text with or without dashes or spaces, or from a number (a workbook cell that dropped
+/// the leading zeros gets them back). Anything that is not nine digits fails the row, without
+/// repeating the value. `none` stays `none`.
+pub fn ssn(value: Value) -> Result<Value, Error> {
+    if is_empty(&value) {
+        return Ok(Value::from(()));
+    }
+    let digits: String = match value.as_i64() {
+        Some(n) if (1..1_000_000_000).contains(&n) => format!("{n:09}"),
+        Some(_) => String::new(),
+        None => text_of(&value)
+            .chars()
+            .filter(|c| !matches!(c, '-' | ' '))
+            .collect(),
+    };
+    if digits.len() != 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(
+            "ssn: not a US Social Security number (nine digits)",
+        ));
+    }
+    Ok(Value::from(format!(
+        "{}-{}-{}",
+        &digits[..3],
+        &digits[3..5],
+        &digits[5..]
+    )))
+}
+
 /// `key | uuid5("Observation")` — a deterministic UUID (v5, in fhirlift's namespace) of a kind
 /// and a key: the same key always gives the same id, different kinds never collide.
 pub fn uuid5(key: Value, kind: Option<&str>) -> Result<Value, Error> {
@@ -801,6 +830,31 @@ mod tests {
             )
             .expect("render");
         assert!(out.contains("35") && out.contains('<'), "{out}");
+    }
+
+    #[test]
+    fn ssn_is_written_as_the_crid_service_takes_it() {
+        let ok = |v: Value| ssn(v).expect("ssn").as_str().map(str::to_string);
+        assert_eq!(
+            ok(Value::from("123-45-6789")).as_deref(),
+            Some("123-45-6789")
+        );
+        assert_eq!(ok(Value::from("123456789")).as_deref(), Some("123-45-6789"));
+        assert_eq!(
+            ok(Value::from(" 123 45 6789 ")).as_deref(),
+            Some("123-45-6789")
+        );
+        // A number cell that lost its leading zero.
+        assert_eq!(ok(Value::from(12345678)).as_deref(), Some("012-34-5678"));
+        assert!(ssn(Value::from(())).expect("none").is_none());
+        for bad in [
+            Value::from("12-345"),
+            Value::from("12345678X"),
+            Value::from(-5),
+        ] {
+            let e = ssn(bad).expect_err("not an SSN");
+            assert!(!e.to_string().contains("12345"), "{e}");
+        }
     }
 
     #[test]

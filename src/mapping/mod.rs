@@ -889,6 +889,7 @@ pub fn new_environment(lookups: Arc<Lookups>) -> Environment<'static> {
     env.add_filter("decimal", filters::decimal);
     env.add_filter("quantity", filters::quantity);
     env.add_filter("split_comparator", filters::split_comparator);
+    env.add_filter("ssn", filters::ssn);
     env.add_filter("uuid5", filters::uuid5);
     env.add_filter("required", filters::required);
     let l = lookups.clone();
