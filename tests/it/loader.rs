@@ -515,6 +515,25 @@ fn short_lived_tokens_are_refreshed_and_a_refused_token_is_retried_once() {
     assert_eq!(dead.stats().requests_total("crid"), 2);
 }
 
+#[test]
+fn a_target_that_fails_every_request_stops_the_run_instead_of_rejecting_every_record() {
+    let sb = start(SandboxConfig {
+        faults: Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        },
+        ..SandboxConfig::default()
+    });
+    let (p, o) = synthetic::generate(40, 2, CCN, &FhirUris::default());
+    let e = load(config_for(&sb), None, p, o).unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, SinkError::Target(_)), "{text}");
+    assert!(text.contains("in a row failed after every retry"), "{text}");
+    // It stopped after the streak, well before trying all 40 patients' CRIDs to the end.
+    let crid_calls = sb.stats().requests_total("crid");
+    assert!(crid_calls < 40 * 10, "{crid_calls}");
+}
+
 fn write_config(dir: &std::path::Path, target: &str) -> std::path::PathBuf {
     let p = dir.join("pipeline.toml");
     std::fs::write(

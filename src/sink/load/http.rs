@@ -7,7 +7,7 @@
 //! trying again. Nothing here logs bodies, URLs with search values, or tokens above TRACE.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::Method;
@@ -58,7 +58,9 @@ pub enum CallError {
     /// The request may have reached the server, and the answer did not come back.
     #[error("the answer was lost after {attempts} attempt(s): {detail}")]
     AnswerLost { attempts: u32, detail: String },
-    /// Retries ran out.
+    /// Retries ran out. `status` is the last error status; `None` when no answer came (the
+    /// target is unreachable) or when [`FAILING_STREAK`] calls in a row ran out of retries (the
+    /// target is down though it answers): both stop the run.
     #[error("gave up after {attempts} attempts: {detail}")]
     GaveUp {
         attempts: u32,
@@ -119,12 +121,20 @@ impl Stats {
     }
 }
 
+/// Calls in a row that ran out of retries on error statuses, with no answer to interpret in
+/// between, after which the target counts as down. One such call may be the target's trouble with
+/// one resource, and ends only that row; this many in a row stop the run (exit 3) instead of
+/// rejecting every record the target could not take.
+pub const FAILING_STREAK: u32 = 16;
+
 /// Authenticated, bounded, retrying HTTP.
 pub struct Transport {
     http: reqwest::Client,
     token: Option<Arc<TokenManager>>,
     retry: RetryPolicy,
     permits: Arc<Semaphore>,
+    /// Calls that ran out of retries since the last answer to interpret.
+    failing: AtomicU32,
     pub stats: Stats,
 }
 
@@ -140,6 +150,7 @@ impl Transport {
             token,
             retry,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            failing: AtomicU32::new(0),
             stats: Stats::default(),
         }
     }
@@ -217,6 +228,7 @@ impl Transport {
                 }
                 Ok((status, location, retry_after, body)) => {
                     if !RetryPolicy::status_is_retryable(status) {
+                        self.failing.store(0, Ordering::Relaxed);
                         return Ok(Reply {
                             status,
                             location,
@@ -243,6 +255,20 @@ impl Transport {
             };
             tracing::trace!(attempts, %detail, "Request failed; retrying.");
             if !self.retry.may_retry(attempts) {
+                let streak = match status {
+                    Some(_) => self.failing.fetch_add(1, Ordering::Relaxed) + 1,
+                    None => 0,
+                };
+                if streak >= FAILING_STREAK {
+                    return Err(CallError::GaveUp {
+                        attempts,
+                        status: None,
+                        detail: format!(
+                            "{detail}; {streak} requests in a row failed after every retry, so \
+                             the target counts as down"
+                        ),
+                    });
+                }
                 return Err(CallError::GaveUp {
                     attempts,
                     status,
