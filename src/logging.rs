@@ -30,7 +30,13 @@ pub fn init(verbose: u8, log_file: Option<&Path>) -> std::io::Result<()> {
                 .ok();
         }
         None => {
-            builder.with_writer(std::io::stderr).try_init().ok();
+            // Colours only for a person at a terminal: a scheduler's log file gets plain text.
+            use std::io::IsTerminal;
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .try_init()
+                .ok();
         }
     }
     Ok(())
