@@ -152,14 +152,23 @@ pub fn run_live(args: &RunArgs, config: &PipelineConfig, set: &MappingSet) -> su
     if let Some(why) = &finished.stopped {
         eprintln!("run stopped: {why}");
     }
+    // The target's answers and the rows that never reached it, side by side: "0 rejected" alone
+    // read as if every row had gone through.
+    let rows_rejected = result.as_ref().map_or(0, |r| r.rows_rejected);
     eprintln!(
-        "run #{} finished: {} created, {} updated, {} unchanged, {} rejected, {} unknown; report {}; rejects {}",
+        "run #{} {}: {} created, {} updated, {} unchanged, {} refused by the target, {} unknown; {} rows rejected before sending; report {}; rejects {}",
         finished.run_id,
+        if result.is_ok() && finished.stopped.is_none() {
+            "finished"
+        } else {
+            "ended early"
+        },
         c.created,
         c.updated,
         c.unchanged,
         c.rejected,
         c.unknown,
+        rows_rejected,
         finished.report.display(),
         report_dir.join("rejects.csv").display()
     );
