@@ -424,6 +424,9 @@ impl Ledger {
             path: path.clone(),
             source,
         };
+        // The ledger names records and patients' CRIDs: a new one is the owner's alone. A failure
+        // here shows again, with SQLite's words, when the ledger is opened.
+        let _ = crate::report::create_private_if_absent(&path);
         let mut conn = Connection::open(&path).map_err(open_err)?;
         // Another process (a `status` while a run writes) may hold the write lock briefly.
         conn.busy_timeout(std::time::Duration::from_secs(10))

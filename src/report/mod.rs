@@ -300,6 +300,24 @@ pub fn create_private(path: &Path) -> std::io::Result<std::io::BufWriter<std::fs
     Ok(std::io::BufWriter::new(file))
 }
 
+/// Creates `path` empty and readable by its owner only (mode 0600) if it does not exist yet, for
+/// a database that SQLite then opens: SQLite gives its WAL and shared-memory files the mode of the
+/// database file. An existing file is left as it is.
+pub fn create_private_if_absent(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The rejects file: one CSV line per rejected row or resource, in processing order, with the
 /// columns `location`, `mapping`, `column`, `error` and `columns` — the original cells exactly as
 /// read, as a JSON object (header → raw text) so that rows of different sources fit one file.

@@ -151,7 +151,12 @@ impl Store {
             source,
         };
         let conn = match path {
-            Some(p) => Connection::open(p).map_err(open_err)?,
+            Some(p) => {
+                // Resources are patient data: a new store is the owner's alone. A failure here
+                // shows again, with SQLite's words, when the store is opened.
+                let _ = crate::report::create_private_if_absent(p);
+                Connection::open(p).map_err(open_err)?
+            }
             None => Connection::open_in_memory().map_err(open_err)?,
         };
         if path.is_some() {

@@ -767,6 +767,17 @@ fn the_samples_load_into_the_embedded_sandbox_and_a_second_run_creates_nothing()
     let made = created(&err[err.find("finished:").unwrap()..]);
     // Every good row: 46 Patients and 1,866 Observations (samples/README.md lists the bad ones).
     assert_eq!(made, 46 + 1866, "{err}");
+    assert!(err.contains("; 138 rows rejected before sending;"), "{err}");
+    // The ledger and the store hold patient data: the owner's alone.
+    #[cfg(unix)]
+    for db in ["ledger.sqlite", "sandbox.sqlite"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(state.path().join(db))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{db}");
+    }
 
     let second = run();
     let err2 = String::from_utf8_lossy(&second.stderr);
