@@ -23,6 +23,8 @@ pub struct LoadSummary {
     pub rejected: u64,
     /// Sent, but the outcome could not be confirmed (the next run checks).
     pub unknown: u64,
+    /// Never sent: the run stopped first (the next run sends them).
+    pub not_sent: u64,
     /// HTTP requests made, token requests excluded.
     pub requests: u64,
     /// Requests that were repeats of an earlier attempt.
@@ -48,6 +50,10 @@ impl LoadSummary {
                 OutcomeStatus::Updated => s.updated += 1,
                 OutcomeStatus::Unchanged => s.unchanged += 1,
                 OutcomeStatus::Rejected => s.rejected += 1,
+                // No attempt at all: the run stopped before this record's turn.
+                OutcomeStatus::Unknown if o.attempts == 0 && o.server_id.is_none() => {
+                    s.not_sent += 1
+                }
                 OutcomeStatus::Unknown => s.unknown += 1,
                 OutcomeStatus::Written => {}
             }
@@ -71,7 +77,7 @@ impl fmt::Display for LoadSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "Loaded into {}: {} resources in {:.1} s — {} created, {} updated, {} unchanged, {} rejected{}",
+            "Loaded into {}: {} resources in {:.1} s — {} created, {} updated, {} unchanged, {} rejected{}{}",
             self.target,
             self.resources,
             self.elapsed.as_secs_f64(),
@@ -81,6 +87,11 @@ impl fmt::Display for LoadSummary {
             self.rejected,
             if self.unknown > 0 {
                 format!(", {} unconfirmed", self.unknown)
+            } else {
+                String::new()
+            },
+            if self.not_sent > 0 {
+                format!(", {} not sent (the run stopped first)", self.not_sent)
             } else {
                 String::new()
             }
@@ -112,4 +123,46 @@ fn ms3<S: serde::Serializer>(v: &Option<[Duration; 3]>, s: S) -> Result<S::Ok, S
 
 fn secs<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(v.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::RowLocation;
+
+    fn outcome(status: OutcomeStatus, attempts: u32, server_id: Option<&str>) -> RowOutcome {
+        RowOutcome {
+            location: RowLocation {
+                file: "labs.csv".into(),
+                sheet: None,
+                row: 2,
+            },
+            resource_type: "Observation".into(),
+            identifier: None,
+            status,
+            server_id: server_id.map(str::to_string),
+            http_status: None,
+            attempts,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn records_never_sent_are_told_apart_from_unconfirmed_ones() {
+        let outcomes = [
+            outcome(OutcomeStatus::Created, 1, Some("7")),
+            // A create whose answer was lost: sent, unconfirmed.
+            outcome(OutcomeStatus::Unknown, 3, None),
+            // The run stopped before these were tried.
+            outcome(OutcomeStatus::Unknown, 0, None),
+            outcome(OutcomeStatus::Unknown, 0, None),
+        ];
+        let s = LoadSummary::from_outcomes("sandbox", &outcomes);
+        assert_eq!((s.created, s.unknown, s.not_sent), (1, 1, 2));
+        let text = s.to_string();
+        assert!(
+            text.contains("1 unconfirmed, 2 not sent (the run stopped first)"),
+            "{text}"
+        );
+    }
 }
