@@ -8,7 +8,7 @@
 //! write files or talk to the network, and it keeps no per-run state: the pipeline
 //! ([`crate::pipeline`]) does the reading, ordering and sending.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -76,6 +76,17 @@ pub struct MappedRow {
     pub mapped: Mapped,
     /// Validation warnings (resource type, issue); they do not reject the row.
     pub warnings: Vec<(String, Issue)>,
+}
+
+/// A source column a mapping names, and where ([`MappingSet::columns_used`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnUse {
+    pub column: String,
+    /// The mapping file's keys (`patient_key`, `wide`, …) and the templates (`template t.json.j2`)
+    /// that name it, sorted.
+    pub places: Vec<String>,
+    /// Named only as `row.<column>` in templates, not in the mapping file.
+    pub templates_only: bool,
 }
 
 /// What [`MappingSet::check_columns`] found.
@@ -317,39 +328,34 @@ impl MappingSet {
     }
 
     /// Every source column mapping `index` names: in its file (keys, CRID column, wide columns)
-    /// and as `row.<column>` in its templates. Sorted, with where each is named.
-    pub fn columns_used(&self, index: usize) -> Vec<(String, String)> {
+    /// and as `row.<column>` in its templates. Sorted by column, each with every place that names
+    /// it, so that fixing one template does not reveal the same column in the next.
+    pub fn columns_used(&self, index: usize) -> Vec<ColumnUse> {
         let m = &self.mappings[index];
-        let mut out: Vec<(String, String)> = m
-            .spec
-            .named_columns()
-            .into_iter()
-            .map(|(k, c)| (c.to_string(), k.to_string()))
-            .collect();
+        // Column → (places, named in the mapping file itself).
+        let mut uses: BTreeMap<String, (BTreeSet<String>, bool)> = BTreeMap::new();
+        for (key, column) in m.spec.named_columns() {
+            let entry = uses.entry(column.to_string()).or_default();
+            entry.0.insert(key.to_string());
+            entry.1 = true;
+        }
         for t in std::iter::once(&m.spec.template).chain(m.spec.crid_template.as_ref()) {
             if let Ok(tmpl) = self.env.get_template(t) {
                 for var in tmpl.undeclared_variables(true) {
                     if let Some(col) = var.strip_prefix("row.") {
-                        out.push((col.to_string(), format!("template {t}")));
+                        let entry = uses.entry(col.to_string()).or_default();
+                        entry.0.insert(format!("template {t}"));
                     }
                 }
             }
         }
-        out.sort();
-        out.dedup();
-        // One line per column, naming every place that reads it, so that fixing one template
-        // does not reveal the same column in the next.
-        let mut joined: Vec<(String, String)> = Vec::with_capacity(out.len());
-        for (column, place) in out {
-            match joined.last_mut() {
-                Some((c, places)) if *c == column => {
-                    places.push_str(", ");
-                    places.push_str(&place);
-                }
-                _ => joined.push((column, place)),
-            }
-        }
-        joined
+        uses.into_iter()
+            .map(|(column, (places, in_file))| ColumnUse {
+                column,
+                places: places.into_iter().collect(),
+                templates_only: !in_file,
+            })
+            .collect()
     }
 
     /// Opens each mapping's source (header only) and checks that every column it names exists.
@@ -384,13 +390,16 @@ impl MappingSet {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            for (column, place) in self.columns_used(i) {
-                if header.index_of(&column).is_some() {
+            for used in self.columns_used(i) {
+                if header.index_of(&used.column).is_some() {
                     continue;
                 }
-                let missing = format!("column {column:?} is not in source {:?}", m.spec.source);
-                let only_templates = place.split(", ").all(|p| p.starts_with("template "));
-                if !m.spec.wide.is_empty() && only_templates {
+                let place = used.places.join(", ");
+                let missing = format!(
+                    "column {:?} is not in source {:?}",
+                    used.column, m.spec.source
+                );
+                if !m.spec.wide.is_empty() && used.templates_only {
                     check.warnings.push(MappingError::Invalid {
                         path: m.spec.file.clone(),
                         key: place,

@@ -281,16 +281,21 @@ impl RunReport {
     }
 }
 
-/// Creates (truncating) a file readable by its owner only: outputs hold patient data.
-pub fn create_private(path: &Path) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+/// Options that create files readable by their owner only (mode 0600 on Unix).
+fn private_options() -> std::fs::OpenOptions {
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let file = opts.open(path)?;
+    opts
+}
+
+/// Creates (truncating) a file readable by its owner only: outputs hold patient data.
+pub fn create_private(path: &Path) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+    let file = private_options().create(true).truncate(true).open(path)?;
     // An existing file keeps its old mode through `open`; tighten it.
     #[cfg(unix)]
     {
@@ -304,14 +309,7 @@ pub fn create_private(path: &Path) -> std::io::Result<std::io::BufWriter<std::fs
 /// a database that SQLite then opens: SQLite gives its WAL and shared-memory files the mode of the
 /// database file. An existing file is left as it is.
 pub fn create_private_if_absent(path: &Path) -> std::io::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    match opts.open(path) {
+    match private_options().create_new(true).open(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),

@@ -349,7 +349,6 @@ impl Sink for DryRunSink {
         }
         if self.opts.bundles {
             self.write_bundles()?;
-            self.flush_bundle()?;
         }
         if let Some(mut w) = self.crid.take() {
             w.flush().map_err(|e| self.io(CRID_REQUESTS, e))?;
@@ -485,20 +484,22 @@ mod tests {
         }
     }
 
+    fn sink_with_bundles(out: &Path) -> DryRunSink {
+        DryRunSink::create(
+            out,
+            DryRunOptions {
+                ccn: "12001".into(),
+                bundles: true,
+            },
+        )
+        .expect("create")
+    }
+
     #[test]
     fn bundles_hold_at_most_fifty_entries_and_the_manifest_hashes_every_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("out");
-        let mut sink = Box::new(
-            DryRunSink::create(
-                &out,
-                DryRunOptions {
-                    ccn: "12001".into(),
-                    bundles: true,
-                },
-            )
-            .expect("create"),
-        );
+        let mut sink = Box::new(sink_with_bundles(&out));
         let outcomes = sink.resources((0..120).map(obs).collect()).expect("write");
         assert_eq!(outcomes.len(), 120);
         assert!(outcomes.iter().all(|o| o.status == OutcomeStatus::Written));
@@ -556,16 +557,7 @@ mod tests {
     fn bundles_carry_each_new_patient_with_its_resources_as_the_loader_packs_them() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("out");
-        let mut sink = Box::new(
-            DryRunSink::create(
-                &out,
-                DryRunOptions {
-                    ccn: "12001".into(),
-                    bundles: true,
-                },
-            )
-            .expect("create"),
-        );
+        let mut sink = Box::new(sink_with_bundles(&out));
         sink.patients(vec![patient("p1"), patient("p2"), patient("p3")])
             .expect("patients");
         // Rows of several patients interleaved, as a lab file holds them; `orphan` has no Patient

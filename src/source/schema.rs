@@ -485,6 +485,28 @@ mod tests {
         }
     }
 
+    /// A column of `kind` with no options.
+    fn spec_of(kind: ColumnType) -> ColumnSpec {
+        ColumnSpec {
+            kind,
+            formats: Vec::new(),
+            decimal_comma: false,
+            pad_zeros: None,
+        }
+    }
+
+    /// One cell through a one-column schema declared as `spec` (no null tokens, UTC).
+    fn with_spec(spec: ColumnSpec, cell: RawCell) -> Result<Value, String> {
+        let header = Arc::new(Header::new(["c"]));
+        let specs = BTreeMap::from([("c".to_string(), spec)]);
+        let s = Schema::new(&header, &specs, Vec::new(), chrono_tz::UTC);
+        let row = s.apply(loc(), &header, vec![cell]);
+        match row.errors.first() {
+            Some(e) => Err(e.to_string()),
+            None => Ok(row.values[0].clone()),
+        }
+    }
+
     fn text(s: &str) -> RawCell {
         RawCell::Text(s.into())
     }
@@ -551,22 +573,11 @@ mod tests {
     fn decimal_commas_are_read_only_when_declared_and_a_point_is_then_refused() {
         let d = |s: &str| Value::Decimal(s.parse().expect("decimal"));
         let comma = |cell: RawCell| {
-            let header = Arc::new(Header::new(["c"]));
-            let specs = BTreeMap::from([(
-                "c".to_string(),
-                ColumnSpec {
-                    kind: ColumnType::Decimal,
-                    formats: Vec::new(),
-                    decimal_comma: true,
-                    pad_zeros: None,
-                },
-            )]);
-            let s = Schema::new(&header, &specs, Vec::new(), chrono_tz::UTC);
-            let row = s.apply(loc(), &header, vec![cell]);
-            match row.errors.first() {
-                Some(e) => Err(e.to_string()),
-                None => Ok(row.values[0].clone()),
-            }
+            let spec = ColumnSpec {
+                decimal_comma: true,
+                ..spec_of(ColumnType::Decimal)
+            };
+            with_spec(spec, cell)
         };
         assert_eq!(comma(text("12,50")), Ok(d("12.50")));
         assert_eq!(comma(text(" -0,5 ")), Ok(d("-0.5")));
@@ -586,18 +597,11 @@ mod tests {
     #[test]
     fn pad_zeros_gives_numbers_and_short_digit_text_their_leading_zeros() {
         let padded = |cell: RawCell| {
-            let header = Arc::new(Header::new(["c"]));
-            let specs = BTreeMap::from([(
-                "c".to_string(),
-                ColumnSpec {
-                    kind: ColumnType::String,
-                    formats: Vec::new(),
-                    decimal_comma: false,
-                    pad_zeros: Some(5),
-                },
-            )]);
-            let s = Schema::new(&header, &specs, Vec::new(), chrono_tz::UTC);
-            s.apply(loc(), &header, vec![cell]).values[0].clone()
+            let spec = ColumnSpec {
+                pad_zeros: Some(5),
+                ..spec_of(ColumnType::String)
+            };
+            with_spec(spec, cell).expect("no cell error")
         };
         let t = |s: &str| Value::Text(s.into());
         assert_eq!(padded(RawCell::Int(42)), t("00042"));

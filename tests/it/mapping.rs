@@ -79,6 +79,25 @@ fn dry_run(config: &Path, out: &Path, jobs: &str) -> std::process::Output {
         .expect("run fhirlift")
 }
 
+/// The lines of a dry run's rejects.csv (header excluded).
+fn rejects(out: &Path) -> Vec<csv::StringRecord> {
+    let text = read(&out.join("rejects.csv"));
+    csv::Reader::from_reader(text.as_bytes())
+        .records()
+        .map(|r| r.expect("csv"))
+        .collect()
+}
+
+/// The fixture plus `extra_mappings` over a wide file, source `labs_wide`, holding `wide_csv`.
+fn wide_fixture(dir: &Path, wide_csv: &str, extra_mappings: &[&Path]) -> PathBuf {
+    std::fs::write(dir.join("wide.csv"), wide_csv).expect("write wide");
+    let names: Vec<&str> = extra_mappings
+        .iter()
+        .map(|p| p.to_str().expect("utf-8 path"))
+        .collect();
+    fixture(dir, &names, "\n[sources.labs_wide]\npath = \"wide.csv\"\n")
+}
+
 /// Snapshots live in tests/snapshots, named after the test's purpose.
 fn snap(name: &str, value: &str) {
     let mut settings = insta::Settings::clone_current();
@@ -143,9 +162,7 @@ fn the_pack_maps_good_rows_and_rejects_bad_ones_with_precise_reasons() {
         serde_json::json!(["labs.csv:5", "labs.csv:10"])
     );
     // Every rejected row is in rejects.csv exactly once.
-    let rejects = read(&out.join("rejects.csv"));
-    let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
-    assert_eq!(rdr.records().count(), 10);
+    assert_eq!(rejects(&out).len(), 10);
     // Patient data stays out of the summary.
     assert!(!stderr.contains("O'Brien"), "{stderr}");
     assert!(!stderr.contains("123-45-6789"), "{stderr}");
@@ -251,16 +268,10 @@ fn every_output_file_is_private() {
 #[test]
 fn wide_rows_give_one_observation_per_filled_column() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("wide.csv"),
-        "draw_id,mrn,collected_at,hgb,wbc,plt,creatinine\nD1,000101,2024-03-01T08:30:00,12.1,,250,0.9\nD2,000102,2024-03-02T08:30:00,,,,\n",
-    )
-    .expect("write wide");
-    let wide = repo().join("mappings/cibmtr-lab-wide.toml");
-    let config = fixture(
+    let config = wide_fixture(
         dir.path(),
-        &[wide.to_str().expect("utf-8 path")],
-        "\n[sources.labs_wide]\npath = \"wide.csv\"\n",
+        "draw_id,mrn,collected_at,hgb,wbc,plt,creatinine\nD1,000101,2024-03-01T08:30:00,12.1,,250,0.9\nD2,000102,2024-03-02T08:30:00,,,,\n",
+        &[&repo().join("mappings/cibmtr-lab-wide.toml")],
     );
     // The shipped lab template serves both layouts: the long layout's columns, absent from the
     // wide file, are warnings for the wide mapping, not errors.
@@ -315,11 +326,7 @@ fn wide_rows_give_one_observation_per_filled_column() {
 #[test]
 fn a_wide_column_in_other_units_than_its_code_is_rejected_naming_the_column() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("wide.csv"),
-        "draw_id,mrn,collected_at,hgb,creat_si\nD1,000101,2024-03-01T08:30:00,12.1,88\n",
-    )
-    .expect("write wide");
+    let wide = "draw_id,mrn,collected_at,hgb,creat_si\nD1,000101,2024-03-01T08:30:00,12.1,88\n";
     let lookups = repo().join("mappings/lookups");
     let mapping = |name: &str, code: &str| {
         let path = dir.path().join(format!("{name}.toml"));
@@ -342,19 +349,12 @@ fn a_wide_column_in_other_units_than_its_code_is_rejected_naming_the_column() {
         path
     };
     // Creatinine in µmol/L under the mass-concentration code (mg/dL): refused, not relabelled.
-    let wrong = mapping("wrong", "CREAT");
-    let config = fixture(
-        dir.path(),
-        &[wrong.to_str().expect("utf-8 path")],
-        "\n[sources.labs_wide]\npath = \"wide.csv\"\n",
-    );
+    let config = wide_fixture(dir.path(), wide, &[&mapping("wrong", "CREAT")]);
     let out = dir.path().join("out");
     let o = dry_run(&config, &out, "1");
     assert_eq!(o.status.code(), Some(1));
-    let rejects = read(&out.join("rejects.csv"));
-    let reject = csv::Reader::from_reader(rejects.as_bytes())
-        .records()
-        .filter_map(Result::ok)
+    let reject = rejects(&out)
+        .into_iter()
         .find(|r| r.iter().any(|f| f.contains("wide.csv")))
         .expect("the wide row is rejected");
     assert_eq!(&reject[2], "creat_si");
@@ -365,12 +365,7 @@ fn a_wide_column_in_other_units_than_its_code_is_rejected_naming_the_column() {
     );
 
     // Under the code measured in µmol/L it goes out with that code's LOINC and unit.
-    let right = mapping("right", "CREAT_SI");
-    let config = fixture(
-        dir.path(),
-        &[right.to_str().expect("utf-8 path")],
-        "\n[sources.labs_wide]\npath = \"wide.csv\"\n",
-    );
+    let config = wide_fixture(dir.path(), wide, &[&mapping("right", "CREAT_SI")]);
     let o = dry_run(&config, &out, "1");
     assert_eq!(
         o.status.code(),
@@ -398,10 +393,8 @@ fn keys_that_lost_their_leading_zeros_are_named_and_pad_zeros_restores_them() {
     let out = dir.path().join("out");
     let o = dry_run(&config, &out, "1");
     assert_eq!(o.status.code(), Some(1));
-    let rejects = read(&out.join("rejects.csv"));
-    let reject = csv::Reader::from_reader(rejects.as_bytes())
-        .records()
-        .filter_map(Result::ok)
+    let reject = rejects(&out)
+        .into_iter()
         .find(|r| &r[0] == "labs.csv:4")
         .expect("the lab is rejected");
     assert_eq!(
@@ -483,9 +476,7 @@ fn first_reject_of_one_template(
     let out = dir.join("out");
     let o = dry_run(&config, &out, jobs);
     assert_eq!(o.status.code(), Some(1));
-    let rejects = read(&out.join("rejects.csv"));
-    let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
-    let first = rdr.records().next().expect("a reject").expect("csv");
+    let first = rejects(&out).into_iter().next().expect("a reject");
     (first[3].to_string(), out)
 }
 
@@ -608,9 +599,7 @@ fn check_samples(labs_source: &str, lab_bad_rows: &[(&str, &str)]) {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    let rejects = read(&out.join("rejects.csv"));
-    let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
-    let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.expect("csv")).collect();
+    let rows = rejects(&out);
     let (cascaded, own): (Vec<_>, Vec<_>) = rows
         .iter()
         .partition(|r| r[3].contains("was rejected at registry.xlsx[Patients]:"));
@@ -619,7 +608,7 @@ fn check_samples(labs_source: &str, lab_bad_rows: &[(&str, &str)]) {
         .copied()
         .chain(lab_bad_rows.iter().copied())
         .collect();
-    assert_eq!(own.len(), expected.len(), "{rejects}");
+    assert_eq!(own.len(), expected.len(), "{rows:?}");
     for ((loc, reason), r) in expected.iter().zip(&own) {
         assert!(r[0].ends_with(loc), "{} is not {loc}", &r[0]);
         assert!(
